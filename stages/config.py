@@ -1,0 +1,278 @@
+"""Validated parameters: one dataclass per section of params.yaml.
+
+`load_params("params.yaml", "train")` returns a `TrainParams`; an unknown key (with the closest
+valid one suggested), a wrong type or an out-of-range value raises a one-line `UserError` naming
+the file and the dotted key, before any model or dataset is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from stages.io import UserError
+
+DEFAULT_TEMPLATE = (
+    "You are a patient math tutor. Solve the problem step by step, then write the final answer "
+    "on its own line as '#### <number>', for example '#### 42'.\n\n"
+    "Question: {question}\nAnswer:"
+)
+
+
+class ParamError(UserError):
+    """Raised by a section's __post_init__; `load_params` prefixes it with file and section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ParamError(key, message)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # Hub dataset id ("openai/gsm8k"), a local directory (hub layout, or *.jsonl files named
+    # train/test), or "gsm_symbolic" for offline GSM8K-style problems from reasoning-gym.
+    source: str = "openai/gsm8k"
+    # Hub config name ("main" for openai/gsm8k); ignored for local JSONL and gsm_symbolic.
+    config: Optional[str] = "main"
+    # gsm_symbolic only: how many problems to generate (split into train/test by test_fraction).
+    size: int = 1000
+    test_fraction: float = 0.2
+    # Rows carved from the train split (never from test) for validation loss.
+    dev_size: int = 200
+    seed: int = 42
+    # Optional cap per split, for quick runs. Larger than a split is an error, not a silent no-op.
+    limit: Optional[int] = None
+
+    def __post_init__(self):
+        _check(bool(self.source.strip()), "source", "must not be empty")
+        _check(self.size > 0, "size", f"must be > 0, got {self.size}")
+        _check(0 < self.test_fraction < 1, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _check(self.dev_size >= 0, "dev_size", f"must be >= 0, got {self.dev_size}")
+        _check(self.limit is None or self.limit > 0, "limit", f"must be > 0 or null, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    # Hub id or local directory of any causal LM.
+    name: str = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    # sdpa works everywhere and handles padding-free batches (transformers derives the
+    # block-diagonal mask from position_ids); "eager" is the slow fallback.
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        _check(bool(self.name.strip()), "name", "must not be empty")
+        _check(self.bnb_4bit_quant_type in ("nf4", "fp4"), "bnb_4bit_quant_type",
+               f"must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
+        _check(self.bnb_4bit_compute_dtype in ("bfloat16", "float16", "float32"),
+               "bnb_4bit_compute_dtype",
+               f"must be bfloat16, float16 or float32, got {self.bnb_4bit_compute_dtype!r}")
+        _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+               "attn_implementation",
+               f"must be sdpa, eager or flash_attention_2, got {self.attn_implementation!r}")
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    # Must contain {question}; the completion is the reference solution ending in '#### N'.
+    template: str = DEFAULT_TEMPLATE
+    # true: wrap prompt/completion in the tokenizer's chat template (instruct models).
+    chat: bool = False
+
+    def __post_init__(self):
+        _check("{question}" in self.template, "template", "must contain {question}")
+        try:
+            self.template.format(question="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ParamError("template", f"is not a valid format string ({exc!r}); "
+                             "write literal braces as {{ and }}") from None
+
+
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lora_r: int = 32
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # "all-linear" or a list of module names such as [q_proj, v_proj].
+    lora_target_modules: Any = "all-linear"
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1.0
+    # > 0 overrides num_train_epochs.
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_8bit"
+    # Prompt + completion tokens; longer rows are truncated (the count is printed).
+    max_length: int = 512
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 100
+    # Concatenate the micro-batch's rows into one row (no pad tokens; attention kept per row via
+    # position_ids). Same loss as padding, less work: see README "Speed".
+    padding_free: bool = False
+    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); CUDA only.
+    use_liger_kernel: bool = False
+
+    def __post_init__(self):
+        _check(self.lora_r > 0, "lora_r", f"must be > 0, got {self.lora_r}")
+        _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        targets = self.lora_target_modules
+        _check(targets == "all-linear" or (isinstance(targets, list) and targets
+                                           and all(isinstance(t, str) and t for t in targets)),
+               "lora_target_modules", f"must be 'all-linear' or a non-empty list of module names, got {targets!r}")
+        _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.num_train_epochs > 0, "num_train_epochs", f"must be > 0, got {self.num_train_epochs}")
+        _check(self.max_steps == -1 or self.max_steps > 0, "max_steps", f"must be -1 or > 0, got {self.max_steps}")
+        _check(self.per_device_train_batch_size > 0, "per_device_train_batch_size",
+               f"must be > 0, got {self.per_device_train_batch_size}")
+        _check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps",
+               f"must be > 0, got {self.gradient_accumulation_steps}")
+        _check(self.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}; got {self.optim!r}")
+        _check(self.max_length >= 16, "max_length", f"must be >= 16, got {self.max_length}")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type",
+               f"must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        for key in ("logging_steps", "eval_steps", "save_steps"):
+            _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    # Which prepared split to score: test (the published number) or dev.
+    split: str = "test"
+    max_new_tokens: int = 512
+    batch_size: int = 64
+    # Optional cap on the number of questions, for quick runs.
+    limit: Optional[int] = None
+    # Generation stops at EOS or at the first of these strings (lm-evaluation-harness's gsm8k set).
+    stop: list = field(default_factory=lambda: ["Question:", "</s>", "<|im_end|>"])
+    # Greedy decoding, as published GSM8K numbers use; false samples with temperature.
+    greedy: bool = True
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check(self.split in ("test", "dev", "train"), "split", f"must be test, dev or train, got {self.split!r}")
+        _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.limit is None or self.limit > 0, "limit", f"must be > 0 or null, got {self.limit}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a list of non-empty strings")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+
+
+SECTIONS = {
+    "data": DataParams,
+    "model": ModelParams,
+    "prompt": PromptParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Is `value` acceptable for a field annotated `annotation` (as a string, from __future__)?"""
+    hint = eval(annotation, {"Optional": Optional, "Any": Any}) if isinstance(annotation, str) else annotation
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:  # YAML writes 1 for 1.0 and 2e-4 as a string unless it has a dot: accept ints
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def parse_section(name: str, raw: Any, source: str = "params.yaml"):
+    """Build the dataclass for section `name` from its raw mapping, or raise a one-line UserError."""
+    cls = SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {name}: expected a mapping of keys, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{name}.{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
+            raise UserError(f"{source}: {name}.{key}: unknown key{hint}")
+        value = _coerce_float(value, fields[key].type)
+        if not _type_ok(value, fields[key].type):
+            raise UserError(f"{source}: {name}.{key}: expected {fields[key].type}, got {value!r} "
+                            f"({type(value).__name__})")
+        raw = {**raw, key: value}
+    try:
+        return cls(**raw)
+    except ParamError as exc:
+        raise UserError(f"{source}: {name}.{exc.key}: {exc.message}") from None
+
+
+def _coerce_float(value: Any, annotation: Any) -> Any:
+    # YAML 1.1 reads `2e-4` (no dot) as a string; people write learning rates that way.
+    if annotation in ("float", float) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def read_params_file(path: str | Path = "params.yaml") -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_params(path: str | Path, *names: str):
+    """Parse and validate the named sections of the params file; returns one object or a tuple.
+
+    Every top-level section is checked for misspelt names too, so `trian:` is caught by any stage.
+    """
+    raw = read_params_file(path)
+    for section in raw:
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid sections: {', '.join(SECTIONS)})"
+            raise UserError(f"{path}: {section}: unknown section{hint}")
+    parsed = tuple(parse_section(name, raw.get(name), str(path)) for name in names)
+    return parsed[0] if len(parsed) == 1 else parsed
