@@ -1,0 +1,176 @@
+"""python -m stages.evaluate --data-file data/gsm8k_test.jsonl --adapter checkpoints/sft_lora \
+    --metrics metrics/eval.json --predictions metrics/predictions.jsonl
+
+Greedy generation on a GSM8K split, scored with lm-evaluation-harness's strict ('#### N') and
+flexible (last number) exact match. Without --adapter it scores the base model, so the two metric
+files say what fine-tuning bought. Under `accelerate launch` the questions are sharded across GPUs
+and gathered back in order; the metrics are the same as on one GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from stages.config import EvaluateParams, ModelParams, PromptParams, load_params
+from stages.io import UserError, cli, read_jsonl, write_json, write_jsonl
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """Generation continues to the end of the batch's step; keep text up to the first stop string."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length, longest first (so an OOM shows at once
+    and padding is minimal)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def load_for_generation(model_p: ModelParams, adapter: str | None):
+    from stages.modeling import load_model
+
+    model = load_model(model_p)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{adapter}: cannot load the LoRA adapter ({str(exc).splitlines()[0]}); "
+                            "run the train stage first (`dvc repro train`)") from None
+    model.eval()
+    return model
+
+
+def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, questions: list[str],
+             show_progress: bool = True) -> tuple[list[str], int]:
+    """Completions for `questions` (in input order) and the number of tokens generated."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from stages.modeling import encode_prompt, render_prompt
+
+    encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, q), prompt_p) for q in questions]
+    texts: list[str] = [""] * len(questions)
+    generated_tokens = 0
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    batches = length_sorted_batches([len(e) for e in encoded], eval_p.batch_size)
+    for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
+        width = max(len(encoded[i]) for i in batch)
+        # Left padding: every row's last prompt token sits at the same position, where decoding starts.
+        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch],
+                                      device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=eval_p.max_new_tokens,
+                do_sample=not eval_p.greedy,
+                temperature=None if eval_p.greedy else eval_p.temperature,
+                top_p=None, top_k=None,
+                stop_strings=eval_p.stop or None,
+                tokenizer=tokenizer,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new = out[:, width:]
+        for row, i in enumerate(batch):
+            ids = new[row].tolist()
+            # Count up to the first EOS/pad: what was really generated, not the batch's tail.
+            n = next((k + 1 for k, t in enumerate(ids) if t in (tokenizer.eos_token_id, pad_id)), len(ids))
+            generated_tokens += n
+            texts[i] = cut_at_stop(tokenizer.decode(ids[:n], skip_special_tokens=True), eval_p.stop)
+    return texts, generated_tokens
+
+
+def select_rows(rows: list[dict], eval_p: EvaluateParams, where: str) -> list[dict]:
+    if not rows:
+        raise UserError(f"{where}: no rows (empty split)")
+    if eval_p.limit is not None:
+        if eval_p.limit > len(rows):
+            raise UserError(f"params.yaml: evaluate.limit: {eval_p.limit} is larger than {where} "
+                            f"({len(rows)} rows); use a value <= {len(rows)} or null")
+        rows = rows[:eval_p.limit]
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("final"), str):
+            raise UserError(f"{where}:{i}: row needs string fields 'question' and 'final' (run the prepare stage)")
+    return rows
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="GSM8K exact-match evaluation")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data-file", required=True)
+    parser.add_argument("--adapter", default=None, help="LoRA adapter directory; omit to score the base model")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--predictions", required=True)
+    args = parser.parse_args(argv)
+
+    model_p, prompt_p, eval_p = load_params(args.params, "model", "prompt", "evaluate")
+    rows = select_rows(read_jsonl(args.data_file), eval_p, args.data_file)
+
+    from stages import memory
+    from stages.modeling import load_config, load_tokenizer
+
+    config = load_config(model_p.name)
+    memory.preflight_eval(config.to_dict(), model_p, eval_p)
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from stages.gsm8k import flexible_answer, is_correct, load_metric, strict_answer
+
+    state = PartialState()
+    tokenizer = load_tokenizer(args.adapter or model_p.name)
+    tokenizer.padding_side = "left"
+    model = load_for_generation(model_p, args.adapter)
+    started = time.perf_counter()
+    indices = list(range(len(rows)))
+    with state.split_between_processes(indices) as mine:
+        try:
+            texts, n_tokens = generate(model, tokenizer, prompt_p, eval_p, [rows[i]["question"] for i in mine],
+                                       show_progress=state.is_main_process)
+        except torch.OutOfMemoryError:
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            raise UserError(memory.oom_message("evaluate", config.to_dict(), model_p, eval_p,
+                                               torch.cuda.max_memory_allocated(), total)) from None
+        shard = [(i, t) for i, t in zip(mine, texts)]
+    gathered = gather_object(shard) if state.num_processes > 1 else shard
+    tokens = gather_object([n_tokens]) if state.num_processes > 1 else [n_tokens]
+    wall = time.perf_counter() - started
+    if not state.is_main_process:
+        return
+
+    by_index = dict(gathered)
+    texts = [by_index[i] for i in indices]
+    golds = [row["final"] for row in rows]
+    scores = load_metric().compute(predictions=texts, references=golds)
+    metrics = {
+        **scores,
+        "generated_tokens_per_second": round(sum(tokens) / wall, 1),
+        "wall_seconds": round(wall, 1),
+        # The settings the number depends on: compare two exact_match values only when these agree.
+        "generation": {
+            "split": eval_p.split, "model": model_p.name, "adapter": bool(args.adapter),
+            "load_in_4bit": model_p.load_in_4bit, "max_new_tokens": eval_p.max_new_tokens,
+            "greedy": eval_p.greedy, "stop": eval_p.stop, "chat": prompt_p.chat, "num_processes": state.num_processes,
+        },
+    }
+    write_jsonl(args.predictions, (
+        {"question": row["question"], "gold": row["final"], "generated": text,
+         "extracted": strict_answer(text), "extracted_flexible": flexible_answer(text),
+         "correct": is_correct(strict_answer(text), row["final"])}
+        for row, text in zip(rows, texts)))
+    write_json(args.metrics, metrics)
+    print(f"evaluate: exact_match {scores['exact_match']:.4f} (flexible {scores['exact_match_flexible']:.4f}) "
+          f"on {scores['n']} questions, {metrics['generated_tokens_per_second']} generated tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Model, tokenizer and prompt plumbing shared by train and evaluate (not a stage itself).
+
+Heavy imports live inside the functions so that importing this module stays instant.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stages.config import ModelParams, PromptParams
+from stages.gsm8k import format_prompt
+from stages.io import UserError
+
+# Above this many parameters, 4-bit on a CPU is hours per step: refuse unless asked twice.
+CPU_4BIT_PARAM_LIMIT = 1_000_000_000
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def _load_error(what: str, name: str, exc: Exception) -> UserError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if _looks_local(name):
+        return UserError(f"params.yaml: model.name: cannot load {what} from local path '{name}': {first}")
+    return UserError(
+        f"params.yaml: model.name: cannot load {what} '{name}' ({first}). Offline? Download it once "
+        f"(`hf download {name}`) and set HF_HUB_OFFLINE=1, or set model.name to a local directory."
+    )
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"params.yaml: model.name: '{name}' is not a directory (for the offline demo run `make demo`)")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise _load_error("the model config", name, exc) from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise _load_error("the tokenizer", name, exc) from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"params.yaml: model.name: tokenizer of '{name}' has no EOS token; generation could never stop")
+    if tokenizer.pad_token_id is None:
+        # Llama-3 ships no pad token. Padding with EOS is safe here because labels come from the
+        # completion mask, not from "not pad", so the real EOS stays in the loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def compute_dtype(model: ModelParams):
+    import torch
+
+    return getattr(torch, model.bnb_4bit_compute_dtype)
+
+
+def quantization_config(model: ModelParams):
+    """BitsAndBytesConfig for QLoRA's NF4 base, or None when the base stays in compute dtype."""
+    if not model.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(model),
+        bnb_4bit_quant_storage=compute_dtype(model),
+    )
+
+
+def check_cpu_4bit(model: ModelParams, n_params: int) -> None:
+    """4-bit without CUDA works (bitsandbytes' CPU path) but only makes sense for tiny models."""
+    import torch
+
+    if model.load_in_4bit and not torch.cuda.is_available() and n_params > CPU_4BIT_PARAM_LIMIT \
+            and os.environ.get("QLORA_ALLOW_CPU") != "1":
+        raise UserError(
+            f"params.yaml: model.load_in_4bit: no CUDA GPU found, so bitsandbytes would quantize and run this "
+            f"{n_params / 1e9:.1f}B-parameter model on the CPU at hours per step. Run on a GPU, or use a small "
+            "model (`make demo` builds one); set QLORA_ALLOW_CPU=1 to run anyway."
+        )
+
+
+def device_map():
+    """Each process puts the whole model on its own GPU (one rank per GPU under accelerate)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_model(model: ModelParams, *, dtype=None):
+    """The base causal LM: NF4-quantized when model.load_in_4bit, else in `dtype` (default compute dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model.name)
+    n_params = estimate_param_count(config.to_dict())
+    check_cpu_4bit(model, n_params)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            model.name,
+            quantization_config=quantization_config(model),
+            dtype=dtype or compute_dtype(model),
+            device_map=device_map(),
+            attn_implementation=model.attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error("the model", model.name, exc) from None
+    if not torch.cuda.is_available():
+        disable_cpu_bf16_repack(lm)
+    return lm
+
+
+def disable_cpu_bf16_repack(lm) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weights on its first no-grad
+    eval forward, after which backward silently stops flowing through the frozen base (so a dev
+    evaluation mid-training would break training). Opting out keeps one weight layout throughout."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in lm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def estimate_param_count(config: dict) -> int:
+    """Parameters of a decoder-only transformer from its config (no weights needed)."""
+    hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
+    inter = config.get("intermediate_size", 4 * hidden)
+    heads = config.get("num_attention_heads", 1)
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // max(heads, 1)
+    vocab = config.get("vocab_size", 0)
+    attn = hidden * head_dim * (2 * heads + 2 * kv)
+    mlp = 3 * hidden * inter
+    embed = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attn + mlp) + embed
+
+
+def render_prompt(tokenizer, prompt: PromptParams, question: str) -> str:
+    """The text the model sees before its answer, identical in training and evaluation."""
+    text = format_prompt(prompt.template, question)
+    if prompt.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("params.yaml: prompt.chat: true, but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def encode_prompt(tokenizer, text: str, prompt: PromptParams) -> list[int]:
+    # A chat template already writes BOS into the text; adding it again would double it.
+    return tokenizer(text, add_special_tokens=not prompt.chat)["input_ids"]
+
+
+def tokenize_example(tokenizer, prompt: PromptParams, question: str, answer: str, max_length: int) -> dict:
+    """input_ids = prompt + " " + answer + EOS, completion_mask marking the answer and EOS.
+
+    Prompt and answer are tokenized separately, exactly as at generation time (the model sees the
+    prompt's tokens and produces the answer's), and EOS is appended so the model learns to stop.
+    Rows longer than max_length are cut at the end (`truncated` says so).
+    """
+    prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, prompt, question), prompt)
+    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    mask = ([0] * len(prompt_ids) + [1] * len(answer_ids))[:max_length]
+    return {"input_ids": ids, "completion_mask": mask, "truncated": len(prompt_ids) + len(answer_ids) > max_length}
