@@ -1,0 +1,37 @@
+# Two commands for a new user: `make demo` (the whole pipeline offline on CPU, ~2 min after
+# install) and `make test`. Both create .venv from requirements.txt if it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-requirements
+# Stage commands call `python`/`dvc`: make them the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+# The offline demo: a tiny Llama built locally, GSM8K-style problems from reasoning-gym.
+DEMO_MODEL := models/tiny-llama
+DEMO_PARAMS := -S model.name=$(DEMO_MODEL) -S data.source=gsm_symbolic -S data.size=300 \
+	-S data.dev_size=20 -S train.max_length=384 -S train.logging_steps=2 -S train.eval_steps=10 \
+	-S train.save_steps=10 -S evaluate.max_new_tokens=48 -S evaluate.batch_size=32
+
+.PHONY: install demo test clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+$(DEMO_MODEL): | $(STAMP)
+	python -m stages.tiny_model $(DEMO_MODEL)
+
+demo: $(STAMP) $(DEMO_MODEL)
+	dvc exp run $(DEMO_PARAMS)
+	dvc metrics show
+
+test: $(STAMP)
+	python -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO_MODEL)
