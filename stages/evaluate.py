@@ -28,10 +28,14 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def load_for_generation(model_p: ModelParams, adapter: str | None):
-    from stages.modeling import load_model
+def load_for_generation(model_p: ModelParams, adapter: str | None, dequantize: bool = False):
+    """Base model (+ LoRA adapter). With `dequantize`, the NF4 weights become compute-dtype tensors
+    holding exactly the quantized values and the adapter is merged in: one dense model."""
+    from stages.modeling import compute_dtype, load_model
 
     model = load_model(model_p)
+    if dequantize and model_p.load_in_4bit:
+        model = model.dequantize(dtype=compute_dtype(model_p))
     if adapter:
         from peft import PeftModel
 
@@ -40,6 +44,8 @@ def load_for_generation(model_p: ModelParams, adapter: str | None):
         except (OSError, ValueError) as exc:
             raise UserError(f"{adapter}: cannot load the LoRA adapter ({str(exc).splitlines()[0]}); "
                             "run the train stage first (`dvc repro train`)") from None
+        if dequantize:
+            model = model.merge_and_unload()
     model.eval()
     return model
 
@@ -58,12 +64,17 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     batches = length_sorted_batches([len(e) for e in encoded], eval_p.batch_size)
+    # A static cache is compiled for one shape: pad all batches to the longest prompt (rounded up) and
+    # to batch_size rows, trading a little prefill work for a single compilation.
+    fixed_width = -(-max(map(len, encoded), default=1) // 64) * 64 if eval_p.static_cache else None
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
-        width = max(len(encoded[i]) for i in batch)
+        width = fixed_width or max(len(encoded[i]) for i in batch)
+        rows = [encoded[i] for i in batch]
+        if eval_p.static_cache:
+            rows += [rows[-1]] * (eval_p.batch_size - len(rows))
         # Left padding: every row's last prompt token sits at the same position, where decoding starts.
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch],
-                                      device=device)
+        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
@@ -76,6 +87,7 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                 tokenizer=tokenizer,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
+                cache_implementation="static" if eval_p.static_cache else None,
             )
         new = out[:, width:]
         for row, i in enumerate(batch):
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     state = PartialState()
     tokenizer = load_tokenizer(args.adapter or model_p.name)
     tokenizer.padding_side = "left"
-    model = load_for_generation(model_p, args.adapter)
+    model = load_for_generation(model_p, args.adapter, eval_p.dequantize)
     started = time.perf_counter()
     indices = list(range(len(rows)))
     with state.split_between_processes(indices) as mine:
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "generation": {
             "split": eval_p.split, "model": model_p.name, "adapter": bool(args.adapter),
             "load_in_4bit": model_p.load_in_4bit, "max_new_tokens": eval_p.max_new_tokens,
-            "greedy": eval_p.greedy, "stop": eval_p.stop, "chat": prompt_p.chat, "num_processes": state.num_processes,
+            "greedy": eval_p.greedy, "stop": eval_p.stop, "dequantize": eval_p.dequantize, "chat": prompt_p.chat, "num_processes": state.num_processes,
         },
     }
     write_jsonl(args.predictions, (
