@@ -1,0 +1,79 @@
+"""params.yaml validation: every bad value is one line naming the file and the dotted key."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.config import SECTIONS, load_params
+from stages.io import UserError
+
+
+def write_params(tmp_path, **sections):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def test_defaults_load_and_match_the_committed_params_file():
+    parsed = load_params("params.yaml", *SECTIONS)
+    assert {type(p) for p in parsed} == set(SECTIONS.values())
+    train = load_params("params.yaml", "train")
+    assert (train.lora_r, train.per_device_train_batch_size, train.gradient_accumulation_steps) == (32, 1, 8)
+    assert train.optim == "paged_adamw_8bit" and train.gradient_checkpointing
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"train": {"lora_rr": 16}}, "train.lora_rr: unknown key (did you mean 'train.lora_r'?)"),
+    ({"trian": {"lora_r": 16}}, "trian: unknown section (did you mean 'train'?)"),
+    ({"train": {"lora_r": 0}}, "train.lora_r: must be > 0, got 0"),
+    ({"train": {"lora_r": "big"}}, "train.lora_r: expected int, got 'big'"),
+    ({"train": {"lora_r": 8.5}}, "train.lora_r: expected int"),
+    ({"train": {"lora_dropout": 1.0}}, "train.lora_dropout: must be in [0, 1), got 1.0"),
+    ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps: must be > 0, got 0"),
+    ({"train": {"gradient_checkpointing": "yes"}}, "train.gradient_checkpointing: expected bool"),
+    ({"train": {"optim": "sgd"}}, "train.optim: must be one of"),
+    ({"train": {"lora_target_modules": []}}, "train.lora_target_modules: must be 'all-linear' or a non-empty list"),
+    ({"model": {"bnb_4bit_quant_type": "int4"}}, "model.bnb_4bit_quant_type: must be nf4 or fp4"),
+    ({"prompt": {"template": "no placeholder"}}, "prompt.template: must contain {question}"),
+    ({"prompt": {"template": "{question} {oops}"}}, "prompt.template: is not a valid format string"),
+    ({"data": {"dev_size": -1}}, "data.dev_size: must be >= 0, got -1"),
+    ({"data": {"limit": 0}}, "data.limit: must be > 0 or null, got 0"),
+    ({"evaluate": {"split": "validation"}}, "evaluate.split: must be test, dev or train"),
+    ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size: must be > 0, got 0"),
+])
+def test_bad_values_name_the_key(tmp_path, sections, expected):
+    path = write_params(tmp_path, **sections)
+    with pytest.raises(UserError) as info:
+        load_params(path, *SECTIONS)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value, expected", [("2e-4", 2e-4), (1, 1.0), (0.0002, 0.0002)])
+def test_learning_rate_accepts_yaml_number_spellings(tmp_path, value, expected):
+    assert load_params(write_params(tmp_path, train={"learning_rate": value}), "train").learning_rate == expected
+
+
+def test_lora_targets_accept_a_list(tmp_path):
+    train = load_params(write_params(tmp_path, train={"lora_target_modules": ["q_proj", "v_proj"]}), "train")
+    assert train.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lora_r: 16\n  bad: [unclosed\n")
+    with pytest.raises(UserError, match=r"params.yaml:\d+: not valid YAML"):
+        load_params(path, "train")
+
+
+def test_stage_exits_2_with_one_line_before_loading_anything(tmp_path):
+    path = write_params(tmp_path, data={"source": "gsm_symbolic", "sizee": 10})
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(path), "--train", str(out),
+                           "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "test.jsonl")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {path}: data.sizee: unknown key (did you mean 'data.size'?)"
+    assert not out.exists()

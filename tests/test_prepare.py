@@ -1,0 +1,124 @@
+"""prepare: deterministic, decontaminated splits from every kind of source; bad rows named by place."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stages.config import DataParams
+from stages.io import UserError
+from stages.prepare import load_source, make_splits
+
+
+def row(i, final=None):
+    return {"question": f"Tom has {i} apples and eats one. How many are left?",
+            "answer": f"He has {i} - 1 = {i - 1} left.\n#### {final if final is not None else i - 1}"}
+
+
+def raw(n_train=30, n_test=10):
+    return {"train": [row(i) for i in range(100, 100 + n_train)], "test": [row(i) for i in range(500, 500 + n_test)]}
+
+
+def test_splits_are_deterministic_and_dev_comes_from_train():
+    data = DataParams(dev_size=5, seed=3)
+    a, _ = make_splits(raw(), data)
+    b, _ = make_splits(raw(), data)
+    assert a == b
+    assert (len(a["train"]), len(a["dev"]), len(a["test"])) == (25, 5, 10)
+    train_q = {r["question"] for r in raw()["train"]}
+    assert {r["question"] for r in a["dev"]} <= train_q
+    assert not {r["question"] for r in a["dev"]} & {r["question"] for r in a["train"]}
+    assert a["train"][0] == {"question": row(100)["question"], "answer": row(100)["answer"], "final": "99"}
+
+
+def test_another_seed_gives_another_dev_split():
+    a, _ = make_splits(raw(), DataParams(dev_size=5, seed=1))
+    b, _ = make_splits(raw(), DataParams(dev_size=5, seed=2))
+    assert a["dev"] != b["dev"]
+
+
+def test_train_rows_that_duplicate_test_are_dropped():
+    source = raw()
+    source["train"].append(dict(source["test"][0]))
+    splits, report = make_splits(source, DataParams(dev_size=5))
+    assert report["train_rows_duplicating_test"] == 1
+    test_q = {r["question"] for r in splits["test"]}
+    assert not test_q & {r["question"] for r in splits["train"] + splits["dev"]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["train"].__setitem__(3, {"question": "q", "answer": "no final line"}),
+     "train row 4: answer has no final '#### N' line"),
+    (lambda s: s["test"].__setitem__(0, {"question": "", "answer": "#### 1"}), "test row 1: missing or empty 'question'"),
+    (lambda s: s.__setitem__("test", []), "split 'test' is empty"),
+    (lambda s: s.__setitem__("dev", [row(500)]), "dev split: 1 question(s) also appear in test"),
+])
+def test_bad_rows_and_splits_are_refused(change, message):
+    source = raw()
+    change(source)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_splits(source, DataParams(dev_size=5))
+
+
+@pytest.mark.parametrize("data, message", [
+    (DataParams(dev_size=5, limit=11), "data.limit: 11 is larger than the test split (10 rows)"),
+    (DataParams(dev_size=30), "data.dev_size: 30 leaves no training rows"),
+])
+def test_sizes_that_do_not_fit_the_data_are_refused(data, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_splits(raw(), data)
+
+
+def test_limit_caps_train_and_test():
+    splits, _ = make_splits(raw(), DataParams(dev_size=5, limit=7))
+    assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (7, 5, 7)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_local_jsonl_directory_names_bad_lines(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(100, 120)])
+    (tmp_path / "test.jsonl").write_text(json.dumps(row(500)) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"test.jsonl:2: malformed JSON"):
+        load_source(DataParams(source=str(tmp_path)))
+    write_jsonl(tmp_path / "test.jsonl", [row(500), {"question": "q?", "answer": "42"}])
+    with pytest.raises(UserError, match=r"test.jsonl:2: answer has no final '#### N' line"):
+        make_splits(load_source(DataParams(source=str(tmp_path))), DataParams(source=str(tmp_path), dev_size=2))
+
+
+def test_local_directory_in_the_hub_layout_loads_through_datasets(tmp_path):
+    """A snapshot of openai/gsm8k: parquet files under main/, configs declared in README.md."""
+    import datasets
+
+    (tmp_path / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n---\n")
+    for split, rows in raw().items():
+        (tmp_path / "main").mkdir(exist_ok=True)
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "main" / f"{split}-00000-of-00001.parquet"))
+    data = DataParams(source=str(tmp_path), config="main", dev_size=5)
+    splits, _ = make_splits(load_source(data), data)
+    assert (len(splits["train"]), len(splits["test"])) == (25, 10)
+
+
+def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="Offline\\? Point data.source at a local copy"):
+        load_source(DataParams(source="openai/gsm8k-not-cached", config="main"))
+
+
+def test_stage_writes_identical_bytes_for_gsm_symbolic(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  source: gsm_symbolic\n  size: 40\n  dev_size: 4\n  seed: 7\n")
+    outputs = []
+    for run in ("a", "b"):
+        paths = {s: tmp_path / run / f"{s}.jsonl" for s in ("train", "dev", "test")}
+        subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(params),
+                        *[a for s, p in paths.items() for a in (f"--{s}", str(p))]], check=True, capture_output=True)
+        outputs.append({s: p.read_bytes() for s, p in paths.items()})
+    assert outputs[0] == outputs[1]
+    test_rows = [json.loads(line) for line in outputs[0]["test"].splitlines()]
+    assert len(test_rows) == 8 and all(r["answer"].rstrip().endswith(f"#### {r['final']}") for r in test_rows)
