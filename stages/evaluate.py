@@ -127,10 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = select_rows(read_jsonl(args.data_file), eval_p, args.data_file)
 
     from stages import memory
-    from stages.modeling import load_config, load_tokenizer
+    from stages.modeling import encode_prompt, load_config, load_tokenizer, render_prompt
 
-    config = load_config(model_p.name)
-    memory.preflight_eval(config.to_dict(), model_p, eval_p)
+    config = load_config(model_p.name).to_dict()
+    tokenizer = load_tokenizer(args.adapter or model_p.name)
+    tokenizer.padding_side = "left"
+    longest_prompt = max(len(encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, r["question"]), prompt_p))
+                         for r in rows)
+    memory.preflight_eval(config, model_p, eval_p, longest_prompt, merged_bf16=eval_p.dequantize)
 
     import torch
     from accelerate import PartialState
@@ -139,8 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     from stages.gsm8k import flexible_answer, is_correct, load_metric, strict_answer
 
     state = PartialState()
-    tokenizer = load_tokenizer(args.adapter or model_p.name)
-    tokenizer.padding_side = "left"
     model = load_for_generation(model_p, args.adapter, eval_p.dequantize)
     started = time.perf_counter()
     indices = list(range(len(rows)))
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                                        show_progress=state.is_main_process)
         except torch.OutOfMemoryError:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            raise UserError(memory.oom_message("evaluate", config.to_dict(), model_p, eval_p,
-                                               torch.cuda.max_memory_allocated(), total)) from None
+            raise UserError(memory.oom_message("evaluate", config, model_p, eval_p, torch.cuda.max_memory_allocated(),
+                                               total, longest_prompt, eval_p.dequantize)) from None
         shard = [(i, t) for i, t in zip(mine, texts)]
     gathered = gather_object(shard) if state.num_processes > 1 else shard
     tokens = gather_object([n_tokens]) if state.num_processes > 1 else [n_tokens]
