@@ -57,7 +57,8 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
     kwargs = dict(
         output_dir=output_dir,
         per_device_train_batch_size=train.per_device_train_batch_size,
-        per_device_eval_batch_size=max(train.per_device_train_batch_size, 8),
+        # The dev pass uses the training micro-batch: its peak then stays under the training step's.
+        per_device_eval_batch_size=train.per_device_train_batch_size,
         gradient_accumulation_steps=accumulation_for(world_size, train.per_device_train_batch_size,
                                                      train.gradient_accumulation_steps),
         num_train_epochs=train.num_train_epochs,
@@ -265,7 +266,7 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
     from stages.modeling import load_model
 
     model = load_model(model_p)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=build_sft_config(train_p, model_p, output_dir, world_size, **sft_overrides),
         train_dataset=train_ds,
@@ -274,6 +275,25 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         peft_config=build_lora_config(train_p),
         callbacks=callbacks,
     )
+    trainer.add_callback(keep_trainable_dtypes(trainer.model))
+    return trainer
+
+
+def keep_trainable_dtypes(model):
+    """Resuming reloads the adapter through peft, which upcasts it to float32, while a fresh run trains
+    it in the dtype TRL chose (bf16 on a 4-bit base): a resumed run would then train a different
+    thing. This callback puts the trainable weights back in their original dtype before training."""
+    from transformers import TrainerCallback
+
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+    class KeepTrainableDtypes(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for name, param in model.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+
+    return KeepTrainableDtypes()
 
 
 if __name__ == "__main__":
