@@ -211,8 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     if n_cut:
         print(f"train: {n_cut} of {len(train_tok)} rows are longer than train.max_length={train_p.max_length} and were cut")
 
+    from accelerate import PartialState
+
     fp = fingerprint(model_p, prompt_p, train_p, [args.train_file, args.dev_file])
-    resume_from = find_resume_checkpoint(args.resume_dir, fp)
+    # Rank 0 first: it deletes checkpoints of another configuration before any rank looks.
+    with PartialState().main_process_first():
+        resume_from = find_resume_checkpoint(args.resume_dir, fp)
     if resume_from:
         print(f"train: resuming from {resume_from}")
 
@@ -253,10 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         "world_size": world_size,
     }
     write_json(args.metrics, metrics)
-    # The adapter is saved; intermediate checkpoints would only take disk (they are not DVC-cached).
-    # The directory itself stays, holding the fingerprint: dvc.yaml declares it as an output.
-    for ckpt in Path(args.resume_dir).glob("checkpoint-*"):
-        shutil.rmtree(ckpt, ignore_errors=True)
+    # The adapter is saved; the intermediate checkpoints would only take disk.
+    shutil.rmtree(args.resume_dir, ignore_errors=True)
     print("train: " + json.dumps(metrics))
 
 

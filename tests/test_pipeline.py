@@ -55,7 +55,7 @@ def test_repro_experiment_diff_and_nothing_left_to_do(project):
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["steps"] == 3 and train["effective_batch"] == 8
     assert (root / "checkpoints/sft_lora/adapter_config.json").is_file()
-    assert not list((root / "checkpoints/resume").glob("checkpoint-*"))
+    assert not (root / "checkpoints/resume").exists()
     assert (root / "dvclive/train/plots/metrics/loss.tsv").read_text().startswith("step\tloss\n1\t")
     predictions = (root / "metrics/predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 12 and {"question", "gold", "generated", "extracted", "correct"} <= json.loads(predictions[0]).keys()
@@ -71,9 +71,11 @@ def test_repro_experiment_diff_and_nothing_left_to_do(project):
     diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], root, env))
     assert "exact_match" in diff["metrics/eval.json"]
     params_diff = json.loads(run(["dvc", "params", "diff", "--json"], root, env))
-    assert params_diff["params.yaml"]["train.lora_r"] == {"old": 32, "new": 16}
+    assert params_diff["params.yaml"]["train.lora_r"] == {"old": 32, "new": 16, "diff": -16}
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
     assert len(json.dumps(shown)) > 0 and "lora_r" in json.dumps(shown)
     assert "up to date" in run(["dvc", "repro"], root, env)
-    assert "Loss" in run(["dvc", "plots", "show", "--json"], root, env) or True
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], root, env))
+    points = plots["data"]["Loss"][0]["content"]["data"]["values"]
+    assert {p["step"] for p in points} >= {"1", "2", "3"} or {p["step"] for p in points} >= {1, 2, 3}

@@ -72,7 +72,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(setup):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-5)
-    assert not list((killed / "resume").glob("checkpoint-*")), "checkpoints are removed once the adapter is saved"
+    assert not (killed / "resume").exists(), "checkpoints are removed once the adapter is saved"
 
 
 def test_checkpoints_of_other_params_are_not_resumed(setup, tmp_path):
