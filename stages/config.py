@@ -134,6 +134,10 @@ class TrainParams:
     padding_free: bool = False
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); CUDA only.
     use_liger_kernel: bool = False
+    # GPUs (processes) `accelerate launch` starts for this stage, one DDP rank each. The effective
+    # batch stays per_device_train_batch_size × gradient_accumulation_steps: each rank accumulates
+    # gradient_accumulation_steps / num_processes micro-batches.
+    num_processes: int = 1
 
     def __post_init__(self):
         _check(self.lora_r > 0, "lora_r", f"must be > 0, got {self.lora_r}")
@@ -157,6 +161,10 @@ class TrainParams:
                f"must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        _check(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
+        _check(self.gradient_accumulation_steps % self.num_processes == 0, "gradient_accumulation_steps",
+               f"{self.gradient_accumulation_steps} is not divisible by train.num_processes={self.num_processes}, "
+               "so the effective batch cannot be kept; use a multiple of it")
         for key in ("logging_steps", "eval_steps", "save_steps"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 
@@ -181,6 +189,8 @@ class EvaluateParams:
     # Static KV cache of one fixed shape (+ torch.compile/CUDA graphs of the decode step on GPU):
     # every batch is padded to the split's longest prompt and to batch_size rows, so it compiles once.
     static_cache: bool = False
+    # GPUs (processes) `accelerate launch` starts: the questions are sharded and gathered in order.
+    num_processes: int = 1
 
     def __post_init__(self):
         _check(self.split in ("test", "dev", "train"), "split", f"must be test, dev or train, got {self.split!r}")
@@ -189,6 +199,7 @@ class EvaluateParams:
         _check(self.limit is None or self.limit > 0, "limit", f"must be > 0 or null, got {self.limit}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a list of non-empty strings")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
 
 
 SECTIONS = {
