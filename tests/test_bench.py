@@ -1,0 +1,118 @@
+"""benchmarks/bench.py: the real script, end to end on CPU with a tiny model (~15 s), and its pure parts."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--workdir", str(tmp / "model"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_writes_every_section_and_variant(result):
+    data, stdout = result
+    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger"}
+    assert set(data["eval"]) == {"baseline_4bit_b64", "dequant_b256", "dequant_b256_static", "4bit_b64"}
+    for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
+        assert key in data
+    assert data["lengths"]["train"]["mean"] == 240 and data["lengths"]["eval"]["mean"] == 160
+    assert data["table_markdown"] in stdout
+
+
+def test_padding_free_trains_the_same_thing_as_the_plain_loop(result):
+    train = result[0]["train"]
+    pf = train["padding_free"]
+    assert pf["lora_a_identical"] and pf["data_order_sequential"]
+    assert pf["loss_check"] == "PASS" and pf["loss_check_strict"] == "PASS"
+    assert pf["first_step_loss_rel_diff"] < 1e-3
+    assert len(pf["losses"]) == len(train["baseline"]["losses"]) == result[0]["settings"]["train_steps"]
+    assert train["card"]["loss_check_strict"] == "PASS"  # Trainer's accumulation normalises like the plain loop
+
+
+def test_figures_are_positive_and_generation_is_full_length(result):
+    data = result[0]
+    for name, v in data["train"].items():
+        if "skipped" in v:
+            continue
+        assert "error" not in v, (name, v)
+        assert v["train_tokens_per_second"] > 0 and v["seconds_per_step"] > 0 and v["tokens_per_step"] > 0
+    for name, v in data["eval"].items():
+        assert "error" not in v, (name, v)
+        assert v["generated_tokens_per_second"] > 0 and v["wall_seconds_full_split"] > 0
+        assert v["generated_tokens"] == v["prompts"] * data["settings"]["new_tokens"]  # no row stopped early
+        assert v["extrapolated"] == (v["prompts"] < 1319)
+    assert all(r > 0 for r in data["ratios"].values())
+
+
+@pytest.mark.parametrize("vocab_size", [512, 128256])
+def test_tokenizer_encodes_questions_back_to_their_ids(vocab_size):
+    from stages.config import PromptParams
+    from stages.modeling import encode_prompt, render_prompt
+
+    bench = load_bench()
+    tokenizer = bench.build_tokenizer(vocab_size)
+    assert len(tokenizer) == vocab_size
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+    reserved = bench.reserved_tokens(vocab_size)
+    lo, hi = bench.word_id_range(vocab_size)
+    assert not set(range(lo, hi)) & set(reserved)
+    prompt_p = PromptParams(template="{question}")
+    for ids in bench.make_eval_prompts(5, vocab_size, seed=0):
+        assert encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, bench.as_question(ids)), prompt_p) == ids
+
+
+def test_sequences_follow_the_gsm8k_length_distribution():
+    bench = load_bench()
+    rows = bench.make_train_rows(400, 512, seed=0)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert 225 < sum(lengths) / len(lengths) < 255 and min(lengths) >= 120 and max(lengths) <= 450
+    assert all(len(r["completion_mask"]) == len(r["input_ids"]) and r["completion_mask"][0] == 0 for r in rows)
+    prompts = bench.make_eval_prompts(1319, 512, seed=0)
+    assert 150 < sum(map(len, prompts)) / 1319 < 170 and min(map(len, prompts)) >= 90
+    # seeded, row by row: every path and every run read the same rows, and a subset is a prefix
+    assert bench.make_train_rows(8, 512, seed=0) == rows[:8]
+    assert bench.make_eval_prompts(128, 512, seed=0) == prompts[:128]
+
+
+@pytest.mark.parametrize("losses, check, strict", [
+    ([6.2540, 6.2596, 6.2457], "PASS", "PASS"),  # same rows, float noise
+    ([6.2596, 6.2457, 6.2540], "PASS", "FAIL"),  # other rows: within rtol, but the strict check sees it
+    ([6.2540 / 8, 6.2596 / 8, 6.2457 / 8], "FAIL", "FAIL"),  # loss divided by the accumulation steps
+])
+def test_loss_agreement(losses, check, strict):
+    bench = load_bench()
+    baseline = {"losses": [6.25401, 6.25958, 6.24572], "grad_norms": [0.068, 0.072, 0.073]}
+    got = bench.loss_agreement(baseline, {"losses": losses}, warmup=1, rtol=0.02)
+    assert (got["loss_check"], got["loss_check_strict"]) == (check, strict)
+
+
+def test_module_patches_are_undone():
+    """Liger rewrites transformers' Llama module; later variants must get the stock classes back."""
+    from transformers.models.llama import modeling_llama
+
+    bench = load_bench()
+    stock = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaForCausalLM.forward
+    with bench.undo_module_patches():
+        modeling_llama.LlamaRMSNorm = modeling_llama.apply_rotary_pos_emb = object
+        modeling_llama.LlamaForCausalLM.forward = lambda self: None
+    assert (modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb,
+            modeling_llama.LlamaForCausalLM.forward) == stock
