@@ -67,6 +67,10 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
     # A static cache is compiled for one shape: pad all batches to the longest prompt (rounded up) and
     # to batch_size rows, trading a little prefill work for a single compilation.
     fixed_width = -(-max(map(len, encoded), default=1) // 64) * 64 if eval_p.static_cache else None
+    # Built once: generate(stop_strings=…) rebuilds this per call, seconds each on a 128k vocabulary.
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, eval_p.stop)]) if eval_p.stop else None
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
         width = fixed_width or max(len(encoded[i]) for i in batch)
         rows = [encoded[i] for i in batch]
@@ -83,8 +87,7 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                 do_sample=not eval_p.greedy,
                 temperature=None if eval_p.greedy else eval_p.temperature,
                 top_p=None, top_k=None,
-                stop_strings=eval_p.stop or None,
-                tokenizer=tokenizer,
+                stopping_criteria=stopping,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
                 cache_implementation="static" if eval_p.static_cache else None,
