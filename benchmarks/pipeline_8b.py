@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--eval-limit", type=int, default=128)
-    parser.add_argument("--variant", default="card", choices=["card", "fast"])
+    parser.add_argument("--variant", default="default", choices=["default", "card"],
+                        help="default: params.yaml as committed; card: batch 1 x accumulation 8, 4-bit generation")
     args = parser.parse_args()
 
     import yaml
@@ -70,9 +71,10 @@ def main() -> None:
     params["prompt"]["template"] = "{question}"  # the word-level vocabulary has no English
     params["train"].update(max_steps=args.train_steps, logging_steps=1, eval_steps=args.train_steps,
                            save_steps=max(args.train_steps // 2, 1), max_length=512)
-    if args.variant == "fast":
-        params["train"].update(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True)
-        params["evaluate"].update(dequantize=True, static_cache=True, batch_size=128)
+    if args.variant == "card":
+        params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
+                               use_liger_kernel=False)
+        params["evaluate"].update(dequantize=False, static_cache=False, batch_size=64)
     params["evaluate"].update(max_new_tokens=256, limit=args.eval_limit, stop=[bench.PROBE_WORD])
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -136,7 +136,8 @@ class TrainParams:
     use_liger_kernel: bool = False
     # GPUs (processes) `accelerate launch` starts for this stage, one DDP rank each. The effective
     # batch stays per_device_train_batch_size × gradient_accumulation_steps: each rank accumulates
-    # gradient_accumulation_steps / num_processes micro-batches.
+    # gradient_accumulation_steps / num_processes micro-batches (or, when that does not divide,
+    # takes per_device_train_batch_size / num_processes rows per micro-batch).
     num_processes: int = 1
 
     def __post_init__(self):
@@ -162,9 +163,11 @@ class TrainParams:
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         _check(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
-        _check(self.gradient_accumulation_steps % self.num_processes == 0, "gradient_accumulation_steps",
-               f"{self.gradient_accumulation_steps} is not divisible by train.num_processes={self.num_processes}, "
-               "so the effective batch cannot be kept; use a multiple of it")
+        _check(self.gradient_accumulation_steps % self.num_processes == 0
+               or self.per_device_train_batch_size % self.num_processes == 0, "num_processes",
+               f"{self.num_processes} processes cannot share the effective batch of "
+               f"{self.per_device_train_batch_size} × {self.gradient_accumulation_steps}: make "
+               "per_device_train_batch_size or gradient_accumulation_steps a multiple of it")
         for key in ("logging_steps", "eval_steps", "save_steps"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -25,15 +26,19 @@ COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def accumulation_for(world_size: int, per_device_batch: int, accumulation: int) -> int:
-    """Accumulation steps per rank that keep per_device_batch × accumulation × world_size equal to the
-    single-GPU effective batch, so experiments on 1 or N GPUs train the same thing."""
-    effective = per_device_batch * accumulation
-    if accumulation % world_size:
-        raise UserError(
-            f"params.yaml: train.gradient_accumulation_steps: {accumulation} is not divisible by the "
-            f"{world_size} processes, so the effective batch of {effective} cannot be kept; use a multiple of {world_size}")
-    return accumulation // world_size
+def per_rank_batch(world_size: int, per_device_batch: int, accumulation: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for each of `world_size` ranks such that
+    micro-batch × accumulation × world_size stays the params' per_device_batch × accumulation, so
+    experiments on 1 or N GPUs train the same thing. Accumulation is split first (same micro-batch,
+    same memory per GPU); failing that, the micro-batch."""
+    if accumulation % world_size == 0:
+        return per_device_batch, accumulation // world_size
+    if per_device_batch % world_size == 0:
+        return per_device_batch // world_size, accumulation
+    raise UserError(
+        f"params.yaml: train: per_device_train_batch_size {per_device_batch} × gradient_accumulation_steps "
+        f"{accumulation} cannot be split over {world_size} processes with the effective batch kept; "
+        f"make one of them a multiple of {world_size}")
 
 
 def build_lora_config(train: TrainParams):
@@ -54,13 +59,19 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
+    if train.use_liger_kernel and on_gpu and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("params.yaml: train.use_liger_kernel: true, but liger-kernel is not installed; "
+                        "pip install -r requirements-gpu.txt, or set it to false")
+    if train.use_liger_kernel and not on_gpu:
+        print("train: train.use_liger_kernel ignored: Liger's kernels need CUDA")
+    micro_batch, accumulation = per_rank_batch(world_size, train.per_device_train_batch_size,
+                                               train.gradient_accumulation_steps)
     kwargs = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_train_batch_size=micro_batch,
         # The dev pass uses the training micro-batch: its peak then stays under the training step's.
-        per_device_eval_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=accumulation_for(world_size, train.per_device_train_batch_size,
-                                                     train.gradient_accumulation_steps),
+        per_device_eval_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
@@ -77,7 +88,7 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
         max_length=None if train.padding_free else train.max_length,
         padding_free=train.padding_free,
         completion_only_loss=True,
-        use_liger_kernel=train.use_liger_kernel,
+        use_liger_kernel=train.use_liger_kernel and on_gpu,
         logging_steps=train.logging_steps,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     model_p, prompt_p, train_p = load_params(args.params, "model", "prompt", "train")
     train_rows, dev_rows = read_jsonl(args.train_file), read_jsonl(args.dev_file)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation_for(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)
+    per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)
 
     from stages import memory
     from stages.modeling import load_config, load_tokenizer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.config import ModelParams, PromptParams, TrainParams
-from stages.train import accumulation_for, build_trainer, tokenize_rows
+from stages.train import build_trainer, per_rank_batch, tokenize_rows
 
 
 def rows(n=16):
@@ -77,16 +77,38 @@ def test_padding_free_trains_the_same_as_batch_one_with_accumulation(tiny_model_
     card_losses, fast_losses = step_losses(card), step_losses(fast)
     assert len(card_losses) == len(fast_losses) == 2
     assert fast_losses == pytest.approx(card_losses, rel=2e-3)
+    # The dev pass too (eval mode): packed rows must not attend across sequence boundaries.
+    assert fast.evaluate()["eval_loss"] == pytest.approx(card.evaluate()["eval_loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("world, batch, accumulation, expected", [(1, 1, 8, 8), (2, 1, 8, 4), (4, 1, 8, 2), (8, 2, 8, 1)])
-def test_accumulation_keeps_the_effective_batch(world, batch, accumulation, expected):
-    per_rank = accumulation_for(world, batch, accumulation)
-    assert per_rank == expected and per_rank * batch * world == batch * accumulation
+def test_padding_free_rows_do_not_attend_to_each_other(tiny_model_dir, tmp_path):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    # transformers finds the sequences of a packed row from position_ids only when no KV cache is in
+    # play; the Trainer switches the cache off (TrainingArguments.use_cache=False), in eval mode too.
+    trainer, _ = make_trainer(tiny_model_dir, tmp_path, max_steps=1, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=1, padding_free=True, gradient_checkpointing=False)
+    model = trainer.model.eval()
+    first, second = list(range(10, 30)), list(range(40, 55))
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": first, "completion_mask": [1] * 20}, {"input_ids": second, "completion_mask": [1] * 15}])
+    with torch.no_grad():
+        together = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0, 20:]
+        alone = model(input_ids=torch.tensor([second])).logits[0]
+    torch.testing.assert_close(together, alone, rtol=2e-2, atol=2e-2)
 
 
-def test_accumulation_that_cannot_be_split_is_refused():
+@pytest.mark.parametrize("world, batch, accumulation, expected", [
+    (1, 1, 8, (1, 8)), (2, 1, 8, (1, 4)), (4, 1, 8, (1, 2)), (8, 1, 8, (1, 1)),
+    (1, 8, 1, (8, 1)), (2, 8, 1, (4, 1)), (4, 8, 1, (2, 1)), (2, 2, 4, (2, 2)), (4, 2, 4, (2, 1)),
+])
+def test_per_rank_batch_keeps_the_effective_batch(world, batch, accumulation, expected):
+    micro, accum = per_rank_batch(world, batch, accumulation)
+    assert (micro, accum) == expected and micro * accum * world == batch * accumulation
+
+
+def test_a_batch_that_cannot_be_split_is_refused():
     from stages.io import UserError
 
-    with pytest.raises(UserError, match="gradient_accumulation_steps: 8 is not divisible by the 3 processes"):
-        accumulation_for(3, 1, 8)
+    with pytest.raises(UserError, match="cannot be split over 3 processes"):
+        per_rank_batch(3, 1, 8)
