@@ -534,8 +534,9 @@ def main(argv: list[str] | None = None) -> None:
             est = estimate_train(config, model, train, args.dev_batch_size)
             advise = lambda f: advise_train(config, model, train, f, args.dev_batch_size)  # noqa: E731
         else:
-            est = estimate_eval(config, model, evaluate, args.prompt_tokens, adapter=train)
-            advise = lambda f: advise_eval(config, model, evaluate, args.prompt_tokens, f, adapter=train)  # noqa: E731
+            est = estimate_eval(config, model, evaluate, args.prompt_tokens, evaluate.dequantize, adapter=train)
+            advise = lambda f: advise_eval(config, model, evaluate, args.prompt_tokens, f,  # noqa: E731
+                                           evaluate.dequantize, adapter=train)
         print(f"{stage} ({model.name}):")
         print(format_breakdown(est))
         if free is None:
