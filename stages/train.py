@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model_p, prompt_p, train_p = load_params(args.params, "model", "prompt", "train")
     train_rows, dev_rows = read_jsonl(args.train_file), read_jsonl(args.dev_file)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)  # fail early
 
     from stages import memory
     from stages.modeling import load_config, load_tokenizer
@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     state = trainer.state
-    steps_run = state.global_step - (int(resume_from.name.split("-")[-1]) if resume_from else 0)
+    resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    steps_run = state.global_step - resumed_step
     losses = [e["loss"] for e in state.log_history if "loss" in e]
     peak = peak_memory_bytes()
     metrics = {
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds_per_step": round(result.metrics["train_runtime"] / max(steps_run, 1), 4),
         "train_tokens_per_second": round(state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
         "peak_memory_gib": round(peak / 2**30, 3) if peak is not None else None,
-        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else 0,
+        "resumed_from_step": resumed_step,
         "world_size": world_size,
     }
     write_json(args.metrics, metrics)
