@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object, parse_flag_from_env
 
     from stages.gsm8k import flexible_answer, is_correct, load_metric, strict_answer
 
-    state = PartialState()
+    # cpu=…: gloo ranks on CPU (tests) are only seen as distributed when accelerate is told so.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     model = load_for_generation(model_p, args.adapter, eval_p.dequantize)
     started = time.perf_counter()
     indices = list(range(len(rows)))

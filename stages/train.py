@@ -223,10 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"train: {n_cut} of {len(train_tok)} rows are longer than train.max_length={train_p.max_length} and were cut")
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     fp = fingerprint(model_p, prompt_p, train_p, [args.train_file, args.dev_file])
     # Rank 0 first: it deletes checkpoints of another configuration before any rank looks.
-    with PartialState().main_process_first():
+    # cpu=…: gloo ranks on CPU (tests) are only seen as distributed when accelerate is told so.
+    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).main_process_first():
         resume_from = find_resume_checkpoint(args.resume_dir, fp)
     if resume_from:
         print(f"train: resuming from {resume_from}")

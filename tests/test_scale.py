@@ -108,8 +108,6 @@ def test_two_process_training_matches_one_and_only_rank_zero_writes(ddp, name):
     assert size > 0 and diff / size < LORA_B_RTOL, f"lora_B differs by {diff / size:.3f} of its norm"
 
 
-@pytest.mark.xfail(strict=True, reason="stages/evaluate.py builds PartialState() without cpu=True, so gloo CPU "
-                   "ranks each think they are alone: both evaluate every question and both write the outputs")
 def test_two_process_evaluation_gathers_the_same_predictions_in_question_order(ddp):
     root, outs, _ = ddp
     results = {}
