@@ -30,8 +30,8 @@ def result(tmp_path_factory):
 
 def test_writes_every_section_and_variant(result):
     data, stdout = result
-    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger"}
-    assert set(data["eval"]) == {"baseline_4bit_b64", "dequant_b256", "dequant_b256_static", "4bit_b64"}
+    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger", "card+liger"}
+    assert set(data["eval"]) == {"baseline_4bit_b64", "dequant_b256", "dequant_b128", "dequant_b256_static", "4bit_b64"}
     for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
         assert key in data
     assert data["lengths"]["train"]["mean"] == 240 and data["lengths"]["eval"]["mean"] == 160
