@@ -177,14 +177,16 @@ def main(argv: list[str] | None = None) -> None:
         "generation": {
             "split": eval_p.split, "model": model_p.name, "adapter": bool(args.adapter),
             "load_in_4bit": model_p.load_in_4bit, "max_new_tokens": eval_p.max_new_tokens,
-            "greedy": eval_p.greedy, "stop": eval_p.stop, "dequantize": eval_p.dequantize, "chat": prompt_p.chat, "num_processes": state.num_processes,
+            "greedy": eval_p.greedy, "stop": eval_p.stop, "dequantize": eval_p.dequantize, "chat": prompt_p.chat,
+            "num_processes": state.num_processes,
         },
     }
+    extracted = [strict_answer(text) for text in texts]
     write_jsonl(args.predictions, (
         {"question": row["question"], "gold": row["final"], "generated": text,
-         "extracted": strict_answer(text), "extracted_flexible": flexible_answer(text),
-         "correct": is_correct(strict_answer(text), row["final"])}
-        for row, text in zip(rows, texts)))
+         "extracted": answer, "extracted_flexible": flexible_answer(text),
+         "correct": is_correct(answer, row["final"])}
+        for row, text, answer in zip(rows, texts, extracted)))
     write_json(args.metrics, metrics)
     print(f"evaluate: exact_match {scores['exact_match']:.4f} (flexible {scores['exact_match_flexible']:.4f}) "
           f"on {scores['n']} questions, {metrics['generated_tokens_per_second']} generated tokens/s")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import runpy
-import subprocess
 import sys
 
 from stages.io import UserError, cli

@@ -77,11 +77,11 @@ def quantization_config(model: ModelParams):
     )
 
 
-def check_cpu_4bit(model: ModelParams, n_params: int) -> None:
+def check_cpu_4bit(model: ModelParams, n_params: int | None) -> None:
     """4-bit without CUDA works (bitsandbytes' CPU path) but only makes sense for tiny models."""
     import torch
 
-    if model.load_in_4bit and not torch.cuda.is_available() and n_params > CPU_4BIT_PARAM_LIMIT \
+    if model.load_in_4bit and not torch.cuda.is_available() and (n_params or 0) > CPU_4BIT_PARAM_LIMIT \
             and os.environ.get("QLORA_ALLOW_CPU") != "1":
         raise UserError(
             f"params.yaml: model.load_in_4bit: no CUDA GPU found, so bitsandbytes would quantize and run this "
@@ -135,18 +135,15 @@ def disable_cpu_bf16_repack(lm) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def estimate_param_count(config: dict) -> int:
-    """Parameters of a decoder-only transformer from its config (no weights needed)."""
-    hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
-    inter = config.get("intermediate_size", 4 * hidden)
-    heads = config.get("num_attention_heads", 1)
-    kv = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or hidden // max(heads, 1)
-    vocab = config.get("vocab_size", 0)
-    attn = hidden * head_dim * (2 * heads + 2 * kv)
-    mlp = 3 * hidden * inter
-    embed = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * (attn + mlp) + embed
+def estimate_param_count(config: dict) -> int | None:
+    """Parameters of a Llama-style decoder from its config (no weights needed); None for others."""
+    from stages.memory import model_shape
+
+    try:
+        shape = model_shape(config)
+    except UserError:
+        return None
+    return shape.quantized_params + shape.unquantized_params
 
 
 def render_prompt(tokenizer, prompt: PromptParams, question: str) -> str:
