@@ -12,10 +12,13 @@ with random weights, on token sequences of GSM8K's length distribution:
   the same rows in the same order from the same LoRA init, so their per-step losses must agree
   (see `loss_agreement`): a faster path that trains something else does not count.
 - eval: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
-  `stages.evaluate.generate` unchanged: "dequant_b256", "dequant_b256_static" and "4bit_b64", on
-  GSM8K-test-length prompts × exactly 256 new tokens. dequant_b256_static runs the whole 1,319-prompt
-  split; the others run one or two batches (after a warm-up) and are extrapolated to the split's batch
-  count ("extrapolated": true): the 4-bit ones take ~9 minutes each for the whole split.
+  `stages.evaluate.generate` unchanged, on GSM8K-test-length prompts × 256 new tokens:
+  "static_b128"/"static_b256" (the project's engine, stages/decode.py, on the dequantized model),
+  "generate_b256"/"generate_b128" (transformers' generate on the same model) and "4bit_b64". The
+  static ones run the whole 1,319-prompt split; the others run one or two batches (after a warm-up)
+  and are extrapolated to the split's batch count ("extrapolated": true): the 4-bit ones take ~9
+  minutes each for the whole split. Where static_b256 and generate_b256 decoded the same prompts,
+  "engine_agreement" says how many completions are identical (bf16 near-ties may differ).
 
 Writes one JSON (GPU, versions, every figure, ratios, goal checks) after every variant, so a run
 cut short keeps what it measured, and prints a markdown table at the end. A variant whose time
@@ -530,7 +533,7 @@ def load_project_model(workdir: str, dequantize: bool):
     return load_for_generation(ModelParams(name=workdir), adapter=None, dequantize=dequantize), tokenizer
 
 
-def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, new_tokens: int, static: bool,
+def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, new_tokens: int, engine: str,
                  n_full: int, warm_up: bool) -> dict:
     """stages.evaluate.generate unchanged; prompts go in as questions that encode to exactly their ids."""
     from stages.config import EvaluateParams, PromptParams
@@ -538,15 +541,20 @@ def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, ne
     from stages.modeling import encode_prompt, render_prompt
 
     prompt_p = PromptParams(template="{question}", chat=False)
-    eval_p = EvaluateParams(max_new_tokens=new_tokens, batch_size=batch_size, dequantize=False, static_cache=static)
+    # No stop strings: every row runs exactly `new_tokens` steps, in both engines.
+    eval_p = EvaluateParams(max_new_tokens=new_tokens, batch_size=batch_size, dequantize=False, engine=engine, stop=[])
     questions = [as_question(p) for p in prompts]
     encoded = encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, questions[0]), prompt_p)
     if encoded != prompts[0]:
         raise RuntimeError("benchmark tokenizer does not round-trip the prompt ids")
-    batch_seconds = []
-    original = model.generate
+    import stages.decode
 
-    def timed_generate(*args, **kwargs):  # per-batch times (first one includes any compilation)
+    # Per-batch times (the first includes one-off costs), from the call each engine makes per batch.
+    owner, attr = (stages.decode, "greedy_decode") if engine == "static" else (model, "generate")
+    original = getattr(owner, attr)
+    batch_seconds = []
+
+    def timed(*args, **kwargs):
         sync()
         t = time.perf_counter()
         out = original(*args, **kwargs)
@@ -555,25 +563,25 @@ def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, ne
         return out
 
     if warm_up:  # the subset will be extrapolated: keep one-off start-up costs out of it
-        generate(model, tokenizer, prompt_p, EvaluateParams(max_new_tokens=4, batch_size=2), questions[:2],
-                 show_progress=False)
-    model.generate = timed_generate
+        generate(model, tokenizer, prompt_p, EvaluateParams(max_new_tokens=4, batch_size=2, engine=engine),
+                 questions[:2], show_progress=False)
+    setattr(owner, attr, timed)
     try:
         sync()
         started = time.perf_counter()
-        _, generated = generate(model, tokenizer, prompt_p, eval_p, questions, show_progress=False)
+        texts, generated = generate(model, tokenizer, prompt_p, eval_p, questions, show_progress=False)
         sync()
         wall = time.perf_counter() - started
     finally:
-        del model.generate
+        setattr(owner, attr, original)
     batches = len(batch_seconds)
-    figures = {"prompts": len(prompts), "batch_size": batch_size, "static_cache": static, "batches": batches,
+    figures = {"prompts": len(prompts), "batch_size": batch_size, "engine": engine, "batches": batches,
                "batch_seconds": batch_seconds, "generated_tokens": generated,
                "generated_tokens_expected": len(prompts) * new_tokens,
                "wall_seconds_measured": round(wall, 2),
                "generated_tokens_per_second": round(generated / wall, 1),
                "wall_seconds_full_split": round(full_split_wall(wall, batches, len(prompts), batch_size, n_full), 1),
-               "extrapolated": len(prompts) < n_full}
+               "extrapolated": len(prompts) < n_full, "texts": texts}
     if batches > 1 and sum(batch_seconds[1:]) > 0:  # steady state: without compilation / first-call costs
         rest_tokens = generated - min(batch_size, len(prompts)) * new_tokens
         figures["tokens_per_second_after_first_batch"] = round(rest_tokens / sum(batch_seconds[1:]), 1)
@@ -678,7 +686,7 @@ def estimates(shape: dict, on_gpu: bool) -> dict:
     """Rough seconds per piece on one H100 (PERF-NOTES.md's rates), scaled by the model's size."""
     if not on_gpu:
         return {k: 3.0 for k in ("build", "load", "train_plain_step", "train_pf_step", "gen_4bit_step",
-                                  "gen_bf16_step", "gen_static_step", "compile")}
+                                  "gen_bf16_step", "gen_static_step")}
     f = max(shape["num_hidden_layers"] / 32 * shape["hidden_size"] * shape["intermediate_size"] / (4096 * 14336), 0.02)
     return {
         "build": 20 + 60 * f,              # init on the GPU, write 16 GB of safetensors
@@ -687,8 +695,7 @@ def estimates(shape: dict, on_gpu: bool) -> dict:
         "train_pf_step": 1.1 * f + 0.1,    # one 1,920-token micro-batch at ~1,900 tok/s
         "gen_4bit_step": 0.110 * f + 0.01,  # one decode step, batch 64 (638 tok/s with LoRA)
         "gen_bf16_step": 0.084 * f + 0.01,  # batch 256 (3,042 tok/s)
-        "gen_static_step": 0.030 * f + 0.005,
-        "compile": 30 + 60 * f,            # torch.compile of the decode step (static cache)
+        "gen_static_step": 0.030 * f + 0.005,  # a CUDA graph replay, batch 256 (a guess, before measuring)
     }
 
 
@@ -702,10 +709,10 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
     "card+liger": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
                        use_liger_kernel=True),
 }
-# Run in this order, so that a short budget drops the least needed last. The two bf16 variants share
-# one dequantized model (static_cache is a generate() setting); the static one goes second because its
-# CUDA graphs keep memory that would count in the other's peak.
-EVAL_VARIANTS = ("baseline_4bit_b64", "dequant_b256", "dequant_b128", "dequant_b256_static", "4bit_b64")
+# Run in this order, so that a short budget drops the least needed last. The dequant_* variants share
+# one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
+# "generate" transformers' generate() on the same model (evaluate.engine: generate).
+EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128", "4bit_b64")
 
 
 def parse_args(argv):
@@ -721,9 +728,9 @@ def parse_args(argv):
                    help="0.05 is the recipe (the same value for every path); 0 removes dropout's randomness")
     p.add_argument("--loss-rtol", type=float, default=0.02, help="bf16 numerics; see loss_agreement")
     p.add_argument("--eval-prompts", type=int, default=None,
-                   help=f"prompts for dequant_b256_static (default {GSM8K_TEST_SIZE}: the whole split, measured)")
+                   help=f"prompts for the static_* variants (default {GSM8K_TEST_SIZE}: the whole split, measured)")
     p.add_argument("--eval-dequant-prompts", type=int, default=None,
-                   help="prompts for dequant_b256 (default 256: one batch, extrapolated)")
+                   help="prompts for the generate_* variants (default 256: one or two batches, extrapolated)")
     p.add_argument("--eval-baseline-prompts", type=int, default=None,
                    help="prompts for the 4-bit variants, plain and project (default 128: two batches, "
                         "extrapolated; the whole split takes ~9 min each)")
@@ -844,8 +851,8 @@ def main(argv=None) -> dict:
             "effective_batch": EFFECTIVE_BATCH, "loss_rtol": args.loss_rtol,
             "lora": {"r": 32, "alpha": 16, "dropout": args.lora_dropout, "targets": "all-linear"},
             "new_tokens": args.new_tokens, "full_split": GSM8K_TEST_SIZE,
-            "eval_prompts": {"4bit": args.eval_baseline_prompts, "dequant_b256": args.eval_dequant_prompts,
-                             "dequant_b256_static": args.eval_prompts},
+            "eval_prompts": {"4bit": args.eval_baseline_prompts, "generate": args.eval_dequant_prompts,
+                             "static": args.eval_prompts},
         },
     })
     workdir = Path(args.workdir if args.workdir != "auto" else default_workdir(shape))
@@ -871,13 +878,15 @@ def main(argv=None) -> dict:
 
 def eval_plan(args) -> dict:
     small, large = (4, 8) if args.tiny else (64, 256)
-    return {  # name: (prompts, batch size, static cache, which model)
-        "baseline_4bit_b64": (min(args.eval_baseline_prompts, GSM8K_TEST_SIZE), small, False, "plain"),
-        "dequant_b256": (min(args.eval_dequant_prompts, GSM8K_TEST_SIZE), large, False, "dequant"),
-        # What fits a 40 GB card: half the batch, half the KV cache.
-        "dequant_b128": (min(args.eval_dequant_prompts, GSM8K_TEST_SIZE), large // 2, False, "dequant"),
-        "dequant_b256_static": (min(args.eval_prompts, GSM8K_TEST_SIZE), large, True, "dequant"),
-        "4bit_b64": (min(args.eval_baseline_prompts, GSM8K_TEST_SIZE), small, False, "4bit"),
+    static, dequant, four_bit = (min(n, GSM8K_TEST_SIZE) for n in (args.eval_prompts, args.eval_dequant_prompts,
+                                                                    args.eval_baseline_prompts))
+    return {  # name: (prompts, batch size, engine, which model); b128 is the default, sized for 40 GB cards
+        "baseline_4bit_b64": (four_bit, small, "generate", "plain"),
+        "static_b128": (static, large // 2, "static", "dequant"),
+        "static_b256": (static, large, "static", "dequant"),
+        "generate_b256": (dequant, large, "generate", "dequant"),
+        "generate_b128": (dequant, large // 2, "generate", "dequant"),
+        "4bit_b64": (four_bit, small, "generate", "4bit"),
     }
 
 
@@ -898,10 +907,11 @@ def time_plan(args, est: dict, build_needed: bool) -> dict:
                                                                    "train_plain_step"]
     previous = None
     for name in wanted_variants(args, "eval"):
-        n, batch, static, kind = eval_plan(args)[name]
-        step_s = est["gen_static_step" if static else "gen_bf16_step" if kind == "dequant" else "gen_4bit_step"]
+        n, batch, engine, kind = eval_plan(args)[name]
+        step_s = est["gen_static_step" if engine == "static" else "gen_bf16_step" if kind == "dequant" else
+                     "gen_4bit_step"]
         plan[f"eval/{name}"] = (0 if kind == previous else est["load"]) + math.ceil(n / batch) * args.new_tokens * \
-            step_s + (est["compile"] if static else 0)
+            step_s
         previous = kind
     return plan
 
@@ -969,9 +979,9 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
 
 def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
     prompts = make_eval_prompts(GSM8K_TEST_SIZE, shape["vocab_size"], args.seed, args.length_scale)
-    loaded = {}
+    loaded, texts = {}, {}
     for name in wanted_variants(args, "eval"):
-        n, batch, static, kind = eval_plan(args)[name]
+        n, batch, engine, kind = eval_plan(args)[name]
         if loaded.get("kind") != kind:
             release(loaded)
         why = clock.admit(f"eval/{name}", plan[f"eval/{name}"])
@@ -979,22 +989,36 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             skip(results, "eval", name, out, why)
             continue
 
-        def fn(n=n, batch=batch, static=static, kind=kind):
+        def fn(name=name, n=n, batch=batch, engine=engine, kind=kind):
             if kind == "plain":
                 return eval_baseline(str(workdir), prompts[:n], batch, args.new_tokens, GSM8K_TEST_SIZE)
             if not loaded:
                 model, tokenizer = load_project_model(str(workdir), dequantize=kind == "dequant")
                 loaded.update(kind=kind, model=model, tokenizer=tokenizer)
-            return eval_project(loaded["model"], loaded["tokenizer"], prompts[:n], batch, args.new_tokens, static,
-                                GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE)
+            figures = eval_project(loaded["model"], loaded["tokenizer"], prompts[:n], batch, args.new_tokens, engine,
+                                   GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE)
+            texts[name] = figures.pop("texts")
+            return figures
 
         run_variant(results, "eval", name, out, fn)
+        if texts.get("static_b256") and texts.get("generate_b256"):
+            results["engine_agreement"] = engine_agreement(texts["static_b256"], texts["generate_b256"])
+            save(results, out)
     release(loaded)
+
+
+def engine_agreement(static: list[str], reference: list[str]) -> dict:
+    """How far the static engine's completions match generate()'s on the prompts both decoded."""
+    pairs = list(zip(static, reference))
+    common = [next((k for k, (a, b) in enumerate(zip(x.split(), y.split())) if a != b), len(y.split()))
+              for x, y in pairs]
+    return {"prompts": len(pairs), "identical": sum(x == y for x, y in pairs),
+            "mean_common_prefix_tokens": round(sum(common) / max(len(common), 1), 1)}
 
 
 def release(loaded: dict) -> None:
     loaded.clear()
-    if "torch._dynamo" in sys.modules:  # compiled graphs of the static-cache variant hold the model
+    if "torch._dynamo" in sys.modules:  # compiled code (train variants with torch.compile) holds models
         sys.modules["torch._dynamo"].reset()
     free_memory()
 

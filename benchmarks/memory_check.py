@@ -254,7 +254,7 @@ def main() -> None:
         if not args.no_eval:
             started = time.perf_counter()
             measured = eval_case(directory, shape["vocab_size"], batch, prompt_tokens, new_tokens, device)
-            evaluate = EvaluateParams(batch_size=batch, max_new_tokens=new_tokens)
+            evaluate = EvaluateParams(batch_size=batch, max_new_tokens=new_tokens, engine="generate")
             case = compare({"shape": name, "kind": "eval", "tokens": batch * (prompt_tokens + new_tokens)},
                            estimate_eval(config, model, evaluate, prompt_tokens, adapter=train_params(lengths[0])),
                            measured)

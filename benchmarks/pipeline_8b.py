@@ -74,7 +74,7 @@ def main() -> None:
     if args.variant == "card":
         params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
                                use_liger_kernel=False)
-        params["evaluate"].update(dequantize=False, static_cache=False, batch_size=64)
+        params["evaluate"].update(dequantize=False, engine="generate", batch_size=64)
     params["evaluate"].update(max_new_tokens=256, limit=args.eval_limit, stop=[bench.PROBE_WORD])
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -189,9 +189,10 @@ class EvaluateParams:
     # weights the adapter was trained against, plain bf16 matmuls instead of 4-bit kernels (faster
     # decoding), at twice the weight memory (~16 GB for 8B). The memory preflight checks it fits.
     dequantize: bool = False
-    # Static KV cache of one fixed shape (+ torch.compile/CUDA graphs of the decode step on GPU):
-    # every batch is padded to the split's longest prompt and to batch_size rows, so it compiles once.
-    static_cache: bool = False
+    # static: greedy decoding on a preallocated KV cache, each step replayed as a CUDA graph on GPU
+    # (stages/decode.py; several times faster than generate, same tokens). generate: transformers'
+    # generate(), needed for sampling (greedy: false).
+    engine: str = "static"
     # GPUs (processes) `accelerate launch` starts: the questions are sharded and gathered in order.
     num_processes: int = 1
 
@@ -203,6 +204,9 @@ class EvaluateParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a list of non-empty strings")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
+        _check(self.engine in ("static", "generate"), "engine", f"must be static or generate, got {self.engine!r}")
+        _check(self.greedy or self.engine == "generate", "engine",
+               "static decodes greedily only; with greedy: false set engine: generate")
 
 
 SECTIONS = {

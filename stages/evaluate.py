@@ -28,6 +28,21 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def make_batches(encoded: list[list[int]], batch_size: int, pad_id: int, device) -> list[tuple[list[int], object]]:
+    """(question indices, left-padded stages.decode.Batch) per batch, in length_sorted_batches' order."""
+    import torch
+
+    from stages.decode import Batch
+
+    batches = []
+    for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
+        rows = [encoded[i] for i in indices]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        batches.append((indices, Batch(ids, [len(r) for r in rows], width)))
+    return batches
+
+
 def load_for_generation(model_p: ModelParams, adapter: str | None, dequantize: bool = False):
     """Base model (+ LoRA adapter). With `dequantize`, the NF4 weights become compute-dtype tensors
     holding exactly the quantized values and the adapter is merged in: one dense model."""
@@ -50,12 +65,31 @@ def load_for_generation(model_p: ModelParams, adapter: str | None, dequantize: b
     return model
 
 
+def answer_length(ids: list[int], decode, stop: list[str], end_ids: set) -> tuple[int, bool]:
+    """(tokens up to and including where the answer ended, whether it ended): at the first end id
+    (EOS/pad), or at the token that completes the first stop string; else all of `ids`."""
+    first_end = next((k for k, t in enumerate(ids) if t in end_ids), None)
+    n = len(ids) if first_end is None else first_end + 1
+    if not any(s in decode(ids[:n]) for s in stop):
+        return n, first_end is not None
+    lo, hi = 1, n  # the text only grows with k, so "contains a stop string" flips once
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(ids[:mid]) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, True
+
+
 def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, questions: list[str],
              show_progress: bool = True) -> tuple[list[str], int]:
-    """Completions for `questions` (in input order) and the number of tokens generated."""
+    """Completions for `questions` (in input order) and the number of tokens generated up to where
+    each answer ended."""
     import torch
     from tqdm.auto import tqdm
 
+    from stages.decode import allocate_cache, greedy_decode
     from stages.modeling import encode_prompt, render_prompt
 
     encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, q), prompt_p) for q in questions]
@@ -63,42 +97,50 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
     generated_tokens = 0
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    batches = length_sorted_batches([len(e) for e in encoded], eval_p.batch_size)
-    # A static cache is compiled for one shape: pad all batches to the longest prompt (rounded up) and
-    # to batch_size rows, trading a little prefill work for a single compilation.
-    fixed_width = -(-max(map(len, encoded), default=1) // 64) * 64 if eval_p.static_cache else None
-    # Built once: generate(stop_strings=…) rebuilds this per call, seconds each on a 128k vocabulary.
-    from transformers import StoppingCriteriaList, StopStringCriteria
+    end_ids = {tokenizer.eos_token_id, pad_id}
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    batches = make_batches(encoded, eval_p.batch_size, pad_id, device)
+    if eval_p.engine == "static" and batches:
+        rows, width = batches[0][1].input_ids.shape  # the first batch is the largest and the longest
+        buffers = allocate_cache(model.config, rows, width + eval_p.max_new_tokens - 1, model.dtype, device)
+        use_graph = device.type == "cuda"
+        graph_pool = torch.cuda.graph_pool_handle() if use_graph else None
+    else:
+        # Built once: generate(stop_strings=…) rebuilds this per call, seconds each on a 128k vocabulary.
+        from transformers import StoppingCriteriaList, StopStringCriteria
 
-    stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, eval_p.stop)]) if eval_p.stop else None
-    for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
-        width = fixed_width or max(len(encoded[i]) for i in batch)
-        rows = [encoded[i] for i in batch]
-        if eval_p.static_cache:
-            rows += [rows[-1]] * (eval_p.batch_size - len(rows))
-        # Left padding: every row's last prompt token sits at the same position, where decoding starts.
-        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, eval_p.stop)]) if eval_p.stop else None
+
+    for indices, batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
         with torch.inference_mode():
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=eval_p.max_new_tokens,
-                do_sample=not eval_p.greedy,
-                temperature=None if eval_p.greedy else eval_p.temperature,
-                top_p=None, top_k=None,
-                stopping_criteria=stopping,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-                cache_implementation="static" if eval_p.static_cache else None,
-            )
-        new = out[:, width:]
-        for row, i in enumerate(batch):
-            ids = new[row].tolist()
-            # Count up to the first EOS/pad: what was really generated, not the batch's tail.
-            n = next((k + 1 for k, t in enumerate(ids) if t in (tokenizer.eos_token_id, pad_id)), len(ids))
+            if eval_p.engine == "static":
+                ended_rows: set[int] = set()
+
+                def finished(tokens) -> bool:
+                    for row, ids in enumerate(tokens.tolist()):
+                        if row not in ended_rows and answer_length(ids, decode, eval_p.stop, end_ids)[1]:
+                            ended_rows.add(row)
+                    return len(ended_rows) == len(indices)
+
+                new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, finished, use_graph, graph_pool)
+            else:
+                attention_mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths], device=device)
+                out = model.generate(
+                    input_ids=batch.input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=eval_p.max_new_tokens,
+                    do_sample=not eval_p.greedy,
+                    temperature=None if eval_p.greedy else eval_p.temperature,
+                    top_p=None, top_k=None,
+                    stopping_criteria=stopping,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new = out[:, batch.width:]
+        for row, i in zip(new.tolist(), indices):
+            n, _ = answer_length(row, decode, eval_p.stop, end_ids)
             generated_tokens += n
-            texts[i] = cut_at_stop(tokenizer.decode(ids[:n], skip_special_tokens=True), eval_p.stop)
+            texts[i] = cut_at_stop(decode(row[:n]), eval_p.stop)
     return texts, generated_tokens
 
 

@@ -63,8 +63,6 @@ ADAM_32BIT_BYTES = 8
 LOSS_BYTES_PER_LOGIT = 12
 # The same without gradients (a dev-loss pass): bf16 logits, their fp32 upcast, the log-softmax.
 NO_GRAD_LOSS_BYTES_PER_LOGIT = 10
-# A static KV cache is compiled for prompts padded up to a multiple of this (stages/evaluate.py).
-STATIC_CACHE_ROUND = 64
 
 
 @dataclass(frozen=True)
@@ -290,17 +288,19 @@ def estimate_eval(config: dict, model: ModelParams, evaluate: EvaluateParams, pr
       token the residual, its normed copy and three MLP-wide tensors, plus a dequantized weight.
     - logits: the last position's logits per row in the compute dtype, their fp32 copy and the
       scores generation derives from them.
-    `prompt_tokens` is the longest prompt (a batch is left-padded to it). With a static cache every
-    batch is padded to batch_size rows and the prompt to a multiple of 64; CUDA graphs of the
-    decode step keep a private memory pool on top, not counted.
+    `prompt_tokens` is the longest prompt (a batch is left-padded to it). The static engine
+    (stages/decode.py) prefills at most PREFILL_TOKENS prompt tokens per forward, so its prefill
+    activations stop growing with the batch; its CUDA graph's pool holds one step's tensors (a
+    [batch, hidden] residual and the logits row), which the logits term covers.
     """
+    from stages.decode import PREFILL_TOKENS
+
     shape = model_shape(config)
     compute = DTYPE_BYTES[model.bnb_4bit_compute_dtype]
-    if evaluate.static_cache:
-        batch = evaluate.batch_size
-        prompt_tokens = -(-prompt_tokens // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
-    else:
-        batch = min(evaluate.batch_size, evaluate.limit or evaluate.batch_size)
+    batch = min(evaluate.batch_size, evaluate.limit or evaluate.batch_size)
+    prefill_tokens = batch * prompt_tokens
+    if evaluate.engine == "static":
+        prefill_tokens = min(prefill_tokens, max(prompt_tokens, PREFILL_TOKENS // prompt_tokens * prompt_tokens))
     if model.load_in_4bit and not merged_bf16:
         weights = quantized_bytes(shape.quantized_params, model.bnb_4bit_use_double_quant) \
             + compute * shape.unquantized_params
@@ -311,7 +311,7 @@ def estimate_eval(config: dict, model: ModelParams, evaluate: EvaluateParams, pr
     if adapter is not None and not merged_bf16:
         weights += 4 * lora_params(shape, adapter.lora_target_modules, adapter.lora_r)
     kv_cache = batch * (prompt_tokens + evaluate.max_new_tokens) * shape.layers * 2 * shape.kv_dim * compute
-    activations = batch * prompt_tokens * compute * (2 * shape.hidden + 3 * shape.intermediate) + dequantized
+    activations = prefill_tokens * compute * (2 * shape.hidden + 3 * shape.intermediate) + dequantized
     logits = batch * shape.vocab * (compute + 4 + 4)
     allocated = weights + kv_cache + activations + logits
     overhead = OVERHEAD_FIXED + int(OVERHEAD_FRACTION * allocated)

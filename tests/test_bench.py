@@ -31,7 +31,8 @@ def result(tmp_path_factory):
 def test_writes_every_section_and_variant(result):
     data, stdout = result
     assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger", "card+liger"}
-    assert set(data["eval"]) == {"baseline_4bit_b64", "dequant_b256", "dequant_b128", "dequant_b256_static", "4bit_b64"}
+    assert set(data["eval"]) == {"baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128",
+                                 "4bit_b64"}
     for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
         assert key in data
     assert data["lengths"]["train"]["mean"] == 240 and data["lengths"]["eval"]["mean"] == 160
@@ -61,6 +62,10 @@ def test_figures_are_positive_and_generation_is_full_length(result):
         assert v["generated_tokens"] == v["prompts"] * data["settings"]["new_tokens"]  # no row stopped early
         assert v["extrapolated"] == (v["prompts"] < 1319)
     assert all(r > 0 for r in data["ratios"].values())
+    # The tiny model in bf16 on CPU: the two engines decode the same prompts to the same text.
+    agreement = data["engine_agreement"]
+    assert agreement["prompts"] == data["eval"]["generate_b256"]["prompts"] > 0
+    assert agreement["identical"] == agreement["prompts"]
 
 
 @pytest.mark.parametrize("vocab_size", [512, 128256])

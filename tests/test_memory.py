@@ -93,11 +93,20 @@ def test_dev_loss_pass_of_eight_rows_can_be_the_peak():
     assert with_dev["allocated"] == with_dev["dev_peak"]
 
 
-def test_static_cache_pads_rows_and_prompt():
-    evaluate = EvaluateParams(batch_size=64, limit=10, max_new_tokens=128)
-    dynamic = memory.estimate_eval(LLAMA_8B, QLORA, evaluate, 100)["kv_cache"]
-    static = memory.estimate_eval(LLAMA_8B, QLORA, dataclasses.replace(evaluate, static_cache=True), 100)["kv_cache"]
-    assert static == dynamic * 64 // 10 * (128 + 128) // (100 + 128)
+def test_static_engine_prefills_in_chunks():
+    """The generate engine prefills the whole batch at once; the static one PREFILL_TOKENS at a time,
+    so only its activations differ, and they stop growing with the batch."""
+    from stages.decode import PREFILL_TOKENS
+
+    evaluate = EvaluateParams(batch_size=256, max_new_tokens=256, engine="generate")
+    static = dataclasses.replace(evaluate, engine="static")
+    full = memory.estimate_eval(LLAMA_8B, QLORA, evaluate, 200, merged_bf16=True)
+    chunked = memory.estimate_eval(LLAMA_8B, QLORA, static, 200, merged_bf16=True)
+    assert chunked["kv_cache"] == full["kv_cache"] and chunked["weights"] == full["weights"]
+    per_token = full["activations"] / (256 * 200)
+    assert chunked["activations"] == per_token * (PREFILL_TOKENS // 200 * 200)
+    bigger = memory.estimate_eval(LLAMA_8B, QLORA, dataclasses.replace(static, batch_size=512), 200, merged_bf16=True)
+    assert bigger["activations"] == chunked["activations"]
 
 
 def test_preflight_stops_with_advice_naming_max_length():

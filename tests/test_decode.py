@@ -1,0 +1,137 @@
+"""The static decoding engine (stages/decode.py) against transformers' generate on the tiny model.
+
+On CPU the engine runs the same loop without CUDA graphs; what a graph replays is exactly this
+step, so token equality here is the check that the engine decodes what the model says.
+"""
+import dataclasses
+
+import pytest
+
+from stages.config import EvaluateParams, ModelParams, PromptParams
+from stages.evaluate import answer_length, generate, load_for_generation
+
+PROMPT = PromptParams(template="Question: {question}\nAnswer:", chat=False)
+# Questions of very different lengths, so that batches are left-padded.
+QUESTIONS = ["1+1?", "Natalia sold 48 clips in April and half as many in May. How many in all?",
+             "x", "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts?",
+             "What is 7 times 8, minus 3?", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    import torch
+
+    from stages.modeling import load_tokenizer
+
+    torch.manual_seed(0)
+    # float32: both engines then agree to the last bit that argmax can see.
+    model = load_for_generation(ModelParams(name=str(tiny_model_dir), load_in_4bit=False,
+                                            bnb_4bit_compute_dtype="float32"), adapter=None)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def token_ids(model, tokenizer, eval_p, questions):
+    """Each question's generated ids, through stages.evaluate.generate's own batching."""
+    import torch
+
+    from stages.decode import allocate_cache, greedy_decode
+    from stages.evaluate import make_batches
+    from stages.modeling import encode_prompt, render_prompt
+
+    encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, PROMPT, q), PROMPT) for q in questions]
+    ids = [None] * len(questions)
+    batches = make_batches(encoded, eval_p.batch_size, tokenizer.pad_token_id, "cpu")
+    rows, width = batches[0][1].input_ids.shape
+    buffers = allocate_cache(model.config, rows, width + eval_p.max_new_tokens - 1, model.dtype, "cpu")
+    for indices, batch in batches:
+        with torch.inference_mode():
+            if eval_p.engine == "static":
+                new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, lambda _: False, use_graph=False)
+            else:
+                mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths])
+                new = model.generate(input_ids=batch.input_ids, attention_mask=mask, do_sample=False,
+                                     max_new_tokens=eval_p.max_new_tokens, min_new_tokens=eval_p.max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[:, batch.width:]
+        for row, i in zip(new.tolist(), indices):
+            ids[i] = row
+    return ids
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 6])
+def test_static_engine_matches_generate_token_for_token(model_and_tokenizer, batch_size):
+    """Same greedy tokens as transformers' generate, for every row, whatever the padding and
+    batching (batch 4 leaves a smaller last batch, which reuses the first batch's cache)."""
+    model, tokenizer = model_and_tokenizer
+    eval_p = EvaluateParams(max_new_tokens=12, batch_size=batch_size, stop=[])
+    static = token_ids(model, tokenizer, eval_p, QUESTIONS)
+    reference = token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
+    assert static == reference
+    assert all(len(row) == 12 for row in static)
+    assert len({tuple(row) for row in static}) > 1, "identical rows would not show a mix-up between rows"
+
+
+def test_stage_generate_agrees_across_engines(model_and_tokenizer):
+    """Through stages.evaluate.generate (stop strings, EOS, early stop, text cut): same texts and
+    the same token count from both engines."""
+    model, tokenizer = model_and_tokenizer
+    eval_p = EvaluateParams(max_new_tokens=24, batch_size=4)
+    static = generate(model, tokenizer, PROMPT, eval_p, QUESTIONS, show_progress=False)
+    reference = generate(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"), QUESTIONS,
+                         show_progress=False)
+    assert static == reference
+    assert static[1] > 0
+
+
+def test_static_engine_stops_once_every_row_has_ended(model_and_tokenizer, monkeypatch):
+    """The host looks every CHECK_EVERY steps; once `finished` says yes, no further step runs."""
+    import torch
+
+    import stages.decode as decode
+    from stages.evaluate import make_batches
+    from stages.modeling import encode_prompt, render_prompt
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(decode, "CHECK_EVERY", 3)
+    encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, PROMPT, q), PROMPT) for q in QUESTIONS[:2]]
+    (_, batch), = make_batches(encoded, 2, tokenizer.pad_token_id, "cpu")
+    buffers = decode.allocate_cache(model.config, 2, batch.width + 20, model.dtype, "cpu")
+    seen = []
+
+    def finished(tokens):
+        seen.append(tokens.shape[1])
+        return tokens.shape[1] >= 7
+
+    with torch.inference_mode():
+        out = decode.greedy_decode(model, batch, 20, buffers, finished, use_graph=False)
+        full = decode.greedy_decode(model, batch, 20, buffers, lambda _: False, use_graph=False)
+    assert seen == [4, 7]  # the first token comes from the prefill, then 3 steps between looks
+    assert torch.equal(out[:, :7], full[:, :7]) and not out[:, 7:].any()
+
+
+END = {2, 3}  # eos, pad
+
+
+@pytest.mark.parametrize("ids, expected", [
+    ([5, 6, 7], (3, False)),           # ran to the limit
+    ([5, 2, 3, 3], (2, True)),          # EOS counts, the padding after it does not
+    ([5, 6, 9, 7], (3, True)),          # "Q" completes "Question:" at the third token
+    ([9, 5, 6], (1, True)),
+    ([], (0, False)),
+])
+def test_answer_length(ids, expected):
+    pieces = {5: "12", 6: " Question", 7: " more", 9: ":"}
+    decode = lambda ids: "".join(pieces.get(t, "") for t in ids)  # noqa: E731
+    stop = ["Question:"] if ids[:1] != [9] else [":"]
+    assert answer_length(ids, decode, stop, END) == expected
+
+
+def test_sampling_needs_the_generate_engine():
+    from stages.config import ParamError
+
+    with pytest.raises(ParamError, match="with greedy: false set engine: generate"):
+        EvaluateParams(greedy=False)
+    assert EvaluateParams(greedy=False, engine="generate").engine == "generate"
+    with pytest.raises(ParamError, match="must be static or generate"):
+        EvaluateParams(engine="vllm")
