@@ -1001,10 +1001,57 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             return figures
 
         run_variant(results, "eval", name, out, fn)
-        if texts.get("static_b256") and texts.get("generate_b256"):
+        if name in ("static_b256", "generate_b256") and texts.get("static_b256") and texts.get("generate_b256"):
             results["engine_agreement"] = engine_agreement(texts["static_b256"], texts["generate_b256"])
+            results["engine_checks"] = engine_checks(loaded["model"], loaded["tokenizer"], prompts,
+                                                     {e: texts[f"{e}_b256"] for e in ("static", "generate")})
+            print("engine checks: " + json.dumps(results["engine_checks"]), flush=True)
             save(results, out)
     release(loaded)
+
+
+def engine_checks(model, tokenizer, prompts: list[list[int]], texts: dict, rows: int = 16) -> dict:
+    """With random weights the logits are nearly flat, so bf16 rounding alone flips the argmax
+    between two correct engines after a few tokens (engine_agreement). These checks do not depend
+    on that:
+    - graph_vs_eager: the static engine with and without CUDA graphs on one batch, token for token
+      (the same kernels, so they must be identical);
+    - teacher_forced: each engine's completions of the first `rows` prompts, scored by one plain
+      forward over prompt + completion: how often the engine's token is that forward's argmax,
+      and the largest gap between the argmax logit and the chosen one, in units of the logits'
+      standard deviation at that position (a decoding bug gives gaps of whole units, rounding
+      gives hundredths)."""
+    import torch
+
+    from stages.decode import allocate_cache, greedy_decode
+    from stages.evaluate import make_batches
+
+    device = next(model.parameters()).device
+    checks = {}
+    if device.type == "cuda":
+        (_, batch), *_ = make_batches(prompts[:64], 64, tokenizer.pad_token_id, device)
+        buffers = allocate_cache(model.config, 64, batch.width + 63, model.dtype, device)
+        with torch.inference_mode():
+            graph = greedy_decode(model, batch, 64, buffers, lambda _: False, use_graph=True)
+            eager = greedy_decode(model, batch, 64, buffers, lambda _: False, use_graph=False)
+        del buffers
+        checks["graph_vs_eager"] = {"rows": 64, "new_tokens": 64,
+                                    "identical_rows": int((graph == eager).all(dim=1).sum())}
+    for engine, completions in texts.items():
+        matches, total, worst = 0, 0, 0.0
+        for prompt, text in zip(prompts[:rows], completions[:rows]):
+            new = tokenizer(text, add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt + new], device=device)
+            with torch.inference_mode():
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            chosen = logits.gather(1, torch.tensor(new, device=device)[:, None])[:, 0]
+            gap = (logits.max(dim=1).values - chosen) / logits.std(dim=1)
+            matches += int((gap == 0).sum())
+            total += len(new)
+            worst = max(worst, float(gap.max()))
+        checks[f"teacher_forced/{engine}"] = {"rows": rows, "tokens": total, "argmax_match": round(matches / total, 4),
+                                              "worst_gap_in_std": round(worst, 4)}
+    return checks
 
 
 def engine_agreement(static: list[str], reference: list[str]) -> dict:

@@ -94,8 +94,7 @@ def prefill_mask(lengths, width: int, device):
     return (mask | torch.eye(width, dtype=torch.bool, device=device)[None])[:, None]
 
 
-def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, list], finished,
-                  use_graph: bool, graph_pool=None):
+def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, list], finished, use_graph: bool):
     """Greedy continuation of `batch`: a [rows, new_tokens] long tensor on the model's device.
 
     `finished(tokens_so_far) -> bool` is asked every CHECK_EVERY steps with the tokens generated so
@@ -153,9 +152,11 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
             step()
         torch.cuda.current_stream().wait_stream(side)
         steps -= 1
+        # Its own memory pool, freed with the graph when this batch is done. (A pool shared by the
+        # batches' graphs trips an allocator assert in torch 2.11 once the first graph is freed.)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=graph_pool):
+            with torch.cuda.graph(graph):
                 step()
             replay = graph.replay
         except RuntimeError as exc:  # a model whose forward talks to the host cannot be recorded

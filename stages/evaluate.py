@@ -104,7 +104,6 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
         rows, width = batches[0][1].input_ids.shape  # the first batch is the largest and the longest
         buffers = allocate_cache(model.config, rows, width + eval_p.max_new_tokens - 1, model.dtype, device)
         use_graph = device.type == "cuda"
-        graph_pool = torch.cuda.graph_pool_handle() if use_graph else None
     else:
         # Built once: generate(stop_strings=…) rebuilds this per call, seconds each on a 128k vocabulary.
         from transformers import StoppingCriteriaList, StopStringCriteria
@@ -122,7 +121,7 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                             ended_rows.add(row)
                     return len(ended_rows) == len(indices)
 
-                new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, finished, use_graph, graph_pool)
+                new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, finished, use_graph)
             else:
                 attention_mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths], device=device)
                 out = model.generate(

@@ -66,6 +66,9 @@ def test_figures_are_positive_and_generation_is_full_length(result):
     agreement = data["engine_agreement"]
     assert agreement["prompts"] == data["eval"]["generate_b256"]["prompts"] > 0
     assert agreement["identical"] == agreement["prompts"]
+    for engine in ("static", "generate"):
+        teacher = data["engine_checks"][f"teacher_forced/{engine}"]
+        assert teacher["tokens"] > 0 and teacher["argmax_match"] > 0.9 and teacher["worst_gap_in_std"] < 0.1
 
 
 @pytest.mark.parametrize("vocab_size", [512, 128256])
