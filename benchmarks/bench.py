@@ -8,7 +8,8 @@ with random weights, on token sequences of GSM8K's length distribution:
   non-reentrant gradient checkpointing, LoRA r=32/alpha 16/dropout 0.05 on all linear layers,
   `bnb.optim.PagedAdamW8bit`, batch 1 × accumulation 8, a plain PyTorch loop) against
   `stages.train.build_trainer` with the project's settings: "padding_free" (the 8 rows of a step
-  in one micro-batch), "card" (batch 1 × accumulation 8) and "padding_free+liger". Every path reads
+  in one micro-batch), "card" (batch 1 × accumulation 8), each also with Liger's kernels ("+liger")
+  and/or regional torch.compile ("+compile", train.torch_compile). Every path reads
   the same rows in the same order from the same LoRA init, so their per-step losses must agree
   (see `loss_agreement`): a faster path that trains something else does not count.
 - eval: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
@@ -611,10 +612,11 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
                      or v["peak_allocated_gib"] <= base_peak)
         return bool(v["train_tokens_per_second"] >= factor * base_tps and memory_ok and v.get("loss_check") == "PASS")
 
-    pf = [fast_and_same(n, GOAL_TRAIN_SPEEDUP) for n in ("padding_free", "padding_free+liger")]
+    pf = [fast_and_same(n, GOAL_TRAIN_SPEEDUP) for n, v in TRAIN_VARIANTS.items() if v["padding_free"]]
     goals[f"train_effective_batch_8_>={GOAL_TRAIN_SPEEDUP:g}x_same_loss_no_more_memory"] = (
         any(pf) if any(p is not None for p in pf) else None)
-    card = [fast_and_same(n, GOAL_CARD_SPEEDUP) for n in ("card", "card+liger")]
+    card = [fast_and_same(n, GOAL_CARD_SPEEDUP) for n, v in TRAIN_VARIANTS.items()
+            if (v["per_device_train_batch_size"], v["gradient_accumulation_steps"]) == (1, EFFECTIVE_BATCH)]
     goals[f"train_card_batch_1x8_>={GOAL_CARD_SPEEDUP:g}x_same_loss"] = (
         any(card) if any(c is not None for c in card) else None)
     measured = {n: v for n, v in ev.items() if n != "baseline_4bit_b64" and "wall_seconds_full_split" in v}
@@ -686,7 +688,7 @@ def estimates(shape: dict, on_gpu: bool) -> dict:
     """Rough seconds per piece on one H100 (PERF-NOTES.md's rates), scaled by the model's size."""
     if not on_gpu:
         return {k: 3.0 for k in ("build", "load", "train_plain_step", "train_pf_step", "gen_4bit_step",
-                                  "gen_bf16_step", "gen_static_step")}
+                                  "gen_bf16_step", "gen_static_step", "compile")}
     f = max(shape["num_hidden_layers"] / 32 * shape["hidden_size"] * shape["intermediate_size"] / (4096 * 14336), 0.02)
     return {
         "build": 20 + 60 * f,              # init on the GPU, write 16 GB of safetensors
@@ -696,6 +698,7 @@ def estimates(shape: dict, on_gpu: bool) -> dict:
         "gen_4bit_step": 0.110 * f + 0.01,  # one decode step, batch 64 (638 tok/s with LoRA)
         "gen_bf16_step": 0.084 * f + 0.01,  # batch 256 (3,042 tok/s)
         "gen_static_step": 0.030 * f + 0.005,  # a CUDA graph replay, batch 256 (a guess, before measuring)
+        "compile": 30 + 60 * f,            # train.torch_compile: one decoder layer, forward and backward
     }
 
 
@@ -708,6 +711,10 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
                                use_liger_kernel=True),
     "card+liger": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
                        use_liger_kernel=True),
+    "card+compile": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
+                         torch_compile=True),
+    "padding_free+liger+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                                       padding_free=True, use_liger_kernel=True, torch_compile=True),
 }
 # Run in this order, so that a short budget drops the least needed last. The dequant_* variants share
 # one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
@@ -903,8 +910,9 @@ def time_plan(args, est: dict, build_needed: bool) -> dict:
     plan = {"build": est["build"] if build_needed else 0.0}
     for name in wanted_variants(args, "train"):
         padding_free = name != "baseline" and TRAIN_VARIANTS[name]["padding_free"]
+        compiled = name != "baseline" and TRAIN_VARIANTS[name].get("torch_compile", False)
         plan[f"train/{name}"] = est["load"] + args.train_steps * est["train_pf_step" if padding_free else
-                                                                   "train_plain_step"]
+                                                                   "train_plain_step"] + (est["compile"] if compiled else 0)
     previous = None
     for name in wanted_variants(args, "eval"):
         n, batch, engine, kind = eval_plan(args)[name]

@@ -134,6 +134,9 @@ class TrainParams:
     padding_free: bool = False
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); CUDA only.
     use_liger_kernel: bool = False
+    # torch.compile each decoder layer in place (regional compilation: one compilation serves every
+    # layer). Fewer, fused kernels: what pays at batch 1, where the GPU waits for kernel launches.
+    torch_compile: bool = False
     # GPUs (processes) `accelerate launch` starts for this stage, one DDP rank each. The effective
     # batch stays per_device_train_batch_size × gradient_accumulation_steps: each rank accumulates
     # gradient_accumulation_steps / num_processes micro-batches (or, when that does not divide,

@@ -294,7 +294,30 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         callbacks=callbacks,
     )
     trainer.add_callback(keep_trainable_dtypes(trainer.model))
+    if train_p.torch_compile:
+        compile_decoder_layers(trainer.model)
     return trainer
+
+
+def compile_decoder_layers(model) -> int:
+    """Regional torch.compile: every decoder layer (transformers' GradientCheckpointingLayer) is
+    compiled in place, inside gradient checkpointing, with dynamic sequence lengths. The layers
+    share their code, so one compilation (~1 min for an 8B layer) serves them all; compiling the
+    whole model would unroll all 32 layers into one graph. The LoRA weights stay the same
+    parameters, so saving, resuming and the optimizer see nothing different."""
+    import torch._inductor.config as inductor_config
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # LoRA dropout draws its masks from torch's generator as in eager mode, so that compiling
+    # changes the speed and not which units are dropped (the benchmark compares losses step by step).
+    inductor_config.fallback_random = True
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UserError(f"params.yaml: train.torch_compile: {type(model).__name__} has no transformers decoder "
+                        "layers to compile; set it to false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def keep_trainable_dtypes(model):

@@ -30,7 +30,8 @@ def result(tmp_path_factory):
 
 def test_writes_every_section_and_variant(result):
     data, stdout = result
-    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger", "card+liger"}
+    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger", "card+liger", "card+compile",
+                                  "padding_free+liger+compile"}
     assert set(data["eval"]) == {"baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128",
                                  "4bit_b64"}
     for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
@@ -47,6 +48,8 @@ def test_padding_free_trains_the_same_thing_as_the_plain_loop(result):
     assert pf["first_step_loss_rel_diff"] < 1e-3
     assert len(pf["losses"]) == len(train["baseline"]["losses"]) == result[0]["settings"]["train_steps"]
     assert train["card"]["loss_check_strict"] == "PASS"  # Trainer's accumulation normalises like the plain loop
+    # train.torch_compile: the compiled layers (same dropout masks as eager) train the same thing.
+    assert train["card+compile"]["lora_a_identical"] and train["card+compile"]["loss_check_strict"] == "PASS"
 
 
 def test_figures_are_positive_and_generation_is_full_length(result):
