@@ -9,7 +9,8 @@ with random weights, on token sequences of GSM8K's length distribution:
   `bnb.optim.PagedAdamW8bit`, batch 1 × accumulation 8, a plain PyTorch loop) against
   `stages.train.build_trainer` with the project's settings: "padding_free" (the 8 rows of a step
   in one micro-batch), "card" (batch 1 × accumulation 8), each also with Liger's kernels ("+liger")
-  and/or regional torch.compile ("+compile", train.torch_compile). Every path reads
+  or regional torch.compile ("+compile", train.torch_compile; "-checkpointing": without gradient
+  checkpointing). Every path reads
   the same rows in the same order from the same LoRA init, so their per-step losses must agree
   (see `loss_agreement`): a faster path that trains something else does not count.
 - eval: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
@@ -713,8 +714,10 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
                        use_liger_kernel=True),
     "card+compile": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
                          torch_compile=True),
-    "padding_free+liger+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                                       padding_free=True, use_liger_kernel=True, torch_compile=True),
+    "card+compile-checkpointing": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                                       padding_free=False, torch_compile=True, gradient_checkpointing=False),
+    "padding_free+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,
+                                 torch_compile=True),
 }
 # Run in this order, so that a short budget drops the least needed last. The dequant_* variants share
 # one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),

@@ -145,6 +145,10 @@ class TrainParams:
 
     def __post_init__(self):
         _check(self.lora_r > 0, "lora_r", f"must be > 0, got {self.lora_r}")
+        # Inductor fuses what Liger's layer kernels fuse (TRL fuses the LM head either way), and
+        # dynamo cannot trace through Liger's kernels: one or the other.
+        _check(not (self.torch_compile and self.use_liger_kernel), "torch_compile",
+               "true needs train.use_liger_kernel: false (compiling fuses the same kernels)")
         _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         targets = self.lora_target_modules
