@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         "generation": {
             "split": eval_p.split, "model": model_p.name, "adapter": bool(args.adapter),
             "load_in_4bit": model_p.load_in_4bit, "max_new_tokens": eval_p.max_new_tokens,
-            "greedy": eval_p.greedy, "stop": eval_p.stop, "dequantize": eval_p.dequantize, "chat": prompt_p.chat,
+            "greedy": eval_p.greedy, "stop": eval_p.stop, "dequantize": eval_p.dequantize, "engine": eval_p.engine,
+            "chat": prompt_p.chat,
             "num_processes": state.num_processes,
         },
     }
