@@ -538,6 +538,7 @@ def load_project_model(workdir: str, dequantize: bool):
 def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, new_tokens: int, engine: str,
                  n_full: int, warm_up: bool) -> dict:
     """stages.evaluate.generate unchanged; prompts go in as questions that encode to exactly their ids."""
+    import stages.decode
     from stages.config import EvaluateParams, PromptParams
     from stages.evaluate import generate
     from stages.modeling import encode_prompt, render_prompt
@@ -549,8 +550,6 @@ def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, ne
     encoded = encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, questions[0]), prompt_p)
     if encoded != prompts[0]:
         raise RuntimeError("benchmark tokenizer does not round-trip the prompt ids")
-    import stages.decode
-
     # Per-batch times (the first includes one-off costs), from the call each engine makes per batch.
     owner, attr = (stages.decode, "greedy_decode") if engine == "static" else (model, "generate")
     original = getattr(owner, attr)
@@ -698,7 +697,7 @@ def estimates(shape: dict, on_gpu: bool) -> dict:
         "train_pf_step": 1.1 * f + 0.1,    # one 1,920-token micro-batch at ~1,900 tok/s
         "gen_4bit_step": 0.110 * f + 0.01,  # one decode step, batch 64 (638 tok/s with LoRA)
         "gen_bf16_step": 0.084 * f + 0.01,  # batch 256 (3,042 tok/s)
-        "gen_static_step": 0.030 * f + 0.005,  # a CUDA graph replay, batch 256 (a guess, before measuring)
+        "gen_static_step": 0.025 * f + 0.005,  # static engine, batch 256: run 3, 39 s for 6 × 256 steps
         "compile": 30 + 60 * f,            # train.torch_compile: one decoder layer, forward and backward
     }
 
@@ -719,8 +718,8 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
     "padding_free+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,
                                  torch_compile=True),
 }
-# Run in this order, so that a short budget drops the least needed last. The dequant_* variants share
-# one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
+# Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
+# variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
 # "generate" transformers' generate() on the same model (evaluate.engine: generate).
 EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128", "4bit_b64")
 

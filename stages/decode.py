@@ -1,8 +1,8 @@
 """Greedy decoding on a preallocated KV cache, each decoding step replayed as one CUDA graph.
 
 Used by `stages.evaluate` when `evaluate.engine: static` (the default). Why not `model.generate`:
-at batch 128-256 one decoding step of an 8B model is ~1,400 small kernels, and eager PyTorch
-spends ~40 ms launching them while the GPU needs a fraction of that
+one decoding step of an 8B model is dozens of small kernels per layer, and at batch 256 eager
+PyTorch takes ~40 ms to get through them while reading the weights takes ~5 ms
 (benchmarks/profile_generate.py). Recording the step once per batch as a CUDA graph and replaying
 it removes the launch cost. transformers' own static cache + torch.compile path was no faster:
 under compile its sdpa attention repeats the KV heads over the whole cache (`repeat_kv`), while
@@ -39,8 +39,8 @@ class SlotCache:
 
     It stands in for transformers' Cache: the attention layers call `update`. The slot written by
     a decoding step is `position`, a device tensor, so a recorded graph reads the current value
-    on every replay. During prefill `rows` selects the chunk of rows being filled and only the
-    prompt's slots are returned, so the prefill attends over the prompt alone.
+    on every replay. During prefill `prefill_rows` selects the chunk of rows being filled and only
+    the prompt's slots are returned, so the prefill attends over the prompt alone.
     """
 
     def __init__(self, keys: list, values: list):
