@@ -399,7 +399,7 @@ def train_baseline(workdir: str, rows: list[dict], steps: int, warmup: int, lora
 
 
 def train_project(workdir: str, rows: list[dict], steps: int, warmup: int, train_p, seed: int,
-                  reference_lora_a: dict | None) -> dict:
+                  reference_lora_a: dict | None, callbacks: tuple = ()) -> dict:
     """stages.train.build_trainer with `train_p`, timed per optimizer step by a callback."""
     import datasets
     import transformers
@@ -435,7 +435,7 @@ def train_project(workdir: str, rows: list[dict], steps: int, warmup: int, train
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as output_dir:
         transformers.set_seed(seed)  # SFTTrainer sets train_p.seed itself before get_peft_model, too
         trainer = build_trainer(model_p, train_p, tokenizer, train_ds, dev_ds, output_dir, world_size=1,
-                                callbacks=[timer], **overrides)
+                                callbacks=[timer, *callbacks], **overrides)
         if not sequential_arg:
             trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
         figures = compare_lora_a(reference_lora_a, trainer.model) if reference_lora_a else {}
