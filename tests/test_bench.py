@@ -129,3 +129,16 @@ def test_module_patches_are_undone():
         modeling_llama.LlamaForCausalLM.forward = lambda self: None
     assert (modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb,
             modeling_llama.LlamaForCausalLM.forward) == stock
+
+
+def test_profile_train_runs_the_project_path_under_the_profiler(tmp_path):
+    """benchmarks/profile_train.py in --tiny mode: the profiled step is the bench's project path."""
+    script = ROOT / "benchmarks" / "profile_train.py"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--workdir", str(tmp_path / "model"),
+                           "--out", str(tmp_path), "--warmup", "1", "--variants", "card"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = tmp_path.glob("profile_train_*.json")
+    card = json.loads(result_file.read_text())["variants"]["card"]
+    assert len(card["step_seconds"]) == 2 and 0 < card["profiled_step_wall_s"] <= card["step_seconds"][1] * 1.5
+    assert "bitsandbytes::gemm_4bit" in card["top_host"] or "aten::mm" in card["top_host"]
