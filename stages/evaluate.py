@@ -121,7 +121,16 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                             ended_rows.add(row)
                     return len(ended_rows) == len(indices)
 
-                new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, finished, use_graph)
+                try:
+                    new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, finished, use_graph)
+                except torch.OutOfMemoryError:
+                    raise
+                except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+                    # An architecture whose forward wants more of transformers' Cache than
+                    # stages/decode.py provides: say which setting avoids it.
+                    raise UserError(f"params.yaml: evaluate.engine: static cannot decode {type(model).__name__} "
+                                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                    "set evaluate.engine: generate") from exc
             else:
                 attention_mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths], device=device)
                 out = model.generate(

@@ -135,3 +135,21 @@ def test_sampling_needs_the_generate_engine():
     assert EvaluateParams(greedy=False, engine="generate").engine == "generate"
     with pytest.raises(ParamError, match="must be static or generate"):
         EvaluateParams(engine="vllm")
+
+
+def test_a_model_the_engine_cannot_drive_gets_a_one_line_error(model_and_tokenizer, monkeypatch):
+    """E.g. an architecture whose attention asks its cache for more than `update`."""
+    import stages.decode as decode
+    from stages.io import UserError
+
+    def missing(self, *args, **kwargs):
+        raise AttributeError("'SlotCache' object has no attribute 'get_seq_length'")
+
+    monkeypatch.setattr(decode.SlotCache, "update", missing)
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(UserError) as error:
+        generate(model, tokenizer, PROMPT, EvaluateParams(max_new_tokens=4, batch_size=2), QUESTIONS[:2],
+                 show_progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "evaluate.engine: static cannot decode LlamaForCausalLM" in message
+    assert message.endswith("set evaluate.engine: generate") and "get_seq_length" in message
