@@ -153,3 +153,25 @@ def test_a_model_the_engine_cannot_drive_gets_a_one_line_error(model_and_tokeniz
     message = str(error.value)
     assert "\n" not in message and "evaluate.engine: static cannot decode LlamaForCausalLM" in message
     assert message.endswith("set evaluate.engine: generate") and "get_seq_length" in message
+
+
+def test_static_engine_drives_a_4bit_base_with_an_unmerged_adapter(tiny_model_dir, tmp_path):
+    """evaluate.dequantize: false keeps the NF4 base and the PeftModel wrapper; the engine decodes
+    through them as generate does."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.modeling import load_model, load_tokenizer
+
+    model_p = ModelParams(name=str(tiny_model_dir), bnb_4bit_compute_dtype="float32")
+    lora = get_peft_model(load_model(model_p), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                          init_lora_weights=False))  # non-zero B: it shows
+    lora.save_pretrained(tmp_path / "adapter")
+    model = load_for_generation(model_p, str(tmp_path / "adapter"), dequantize=False)
+    assert type(model).__name__.startswith("Peft")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.padding_side = "left"
+    eval_p = EvaluateParams(max_new_tokens=8, batch_size=4)
+    static = generate(model, tokenizer, PROMPT, eval_p, QUESTIONS, show_progress=False)
+    reference = generate(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"), QUESTIONS,
+                         show_progress=False)
+    assert static == reference and static[1] > 0
