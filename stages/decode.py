@@ -81,16 +81,27 @@ def allocate_cache(config, rows: int, slots: int, dtype, device) -> tuple[list, 
     return keys, values
 
 
+def prefill_rows(width: int) -> int:
+    """Rows per prefill forward for prompts padded to `width` (stages.memory sizes the prefill by it)."""
+    return max(1, PREFILL_TOKENS // width)
+
+
+def real_keys(lengths, width: int, device):
+    """[rows, width] bool: which slots of a left-padded batch hold prompt tokens."""
+    import torch
+
+    lengths = torch.as_tensor(lengths, device=device)
+    return torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
+
+
 def prefill_mask(lengths, width: int, device):
     """[rows, 1, width, width] bool: causal, real prompt keys only. A padding query sees itself, so
     no softmax row is empty (its output is never used)."""
     import torch
 
     pos = torch.arange(width, device=device)
-    lengths = torch.as_tensor(lengths, device=device)
-    real_key = pos[None, :] >= (width - lengths)[:, None]                     # [rows, width]
     causal = pos[:, None] >= pos[None, :]                                      # [width, width]
-    mask = causal[None] & real_key[:, None, :]
+    mask = causal[None] & real_keys(lengths, width, device)[:, None, :]
     return (mask | torch.eye(width, dtype=torch.bool, device=device)[None])[:, None]
 
 
@@ -110,7 +121,7 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
     lengths = torch.as_tensor(batch.lengths, device=device)
 
     # Prefill, a chunk of rows at a time; only the last position's logits are computed.
-    chunk = max(1, PREFILL_TOKENS // width)
+    chunk = prefill_rows(width)
     positions_all = (torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]).clamp(min=0)
     for start in range(0, rows, chunk):
         part = slice(start, min(start + chunk, rows))
@@ -128,7 +139,7 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
     positions = lengths[:, None].clone()          # the next token's RoPE position, per row
     cache.position.fill_(width)                   # the next token's slot, shared by all rows
     mask = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device)
-    mask[:, 0, 0, :width] = prefill_mask(batch.lengths, width, device)[:, 0, -1]
+    mask[:, 0, 0, :width] = real_keys(batch.lengths, width, device)
     column = torch.ones(1, dtype=torch.long, device=device)  # where the step's token goes in `out`
 
     def step():

@@ -293,14 +293,13 @@ def estimate_eval(config: dict, model: ModelParams, evaluate: EvaluateParams, pr
     activations stop growing with the batch; its CUDA graph's pool holds one step's tensors (a
     [batch, hidden] residual and the logits row), which the logits term covers.
     """
-    from stages.decode import PREFILL_TOKENS
+    from stages.decode import prefill_rows
 
     shape = model_shape(config)
     compute = DTYPE_BYTES[model.bnb_4bit_compute_dtype]
     batch = min(evaluate.batch_size, evaluate.limit or evaluate.batch_size)
-    prefill_tokens = batch * prompt_tokens
-    if evaluate.engine == "static":
-        prefill_tokens = min(prefill_tokens, max(prompt_tokens, PREFILL_TOKENS // prompt_tokens * prompt_tokens))
+    prefill_batch = min(batch, prefill_rows(prompt_tokens)) if evaluate.engine == "static" else batch
+    prefill_tokens = prefill_batch * prompt_tokens
     if model.load_in_4bit and not merged_bf16:
         weights = quantized_bytes(shape.quantized_params, model.bnb_4bit_use_double_quant) \
             + compute * shape.unquantized_params
