@@ -171,6 +171,11 @@ def versions() -> dict:
 
 # ------------------------------------------------------------------------------- model + tokenizer
 
+def bench_shape(tiny: bool = False, layers: int | None = None) -> dict:
+    """The benchmark's config fields: the 8B shape (TINY for CPU runs), optionally with fewer layers."""
+    return dict(TINY if tiny else LLAMA_31_8B, **({"num_hidden_layers": layers} if layers else {}))
+
+
 def build_tokenizer(vocab_size: int):
     """Word-level tokenizer over the whole vocabulary: "w<id>" is id <id>; BOS is prepended like Llama's."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -845,9 +850,7 @@ def main(argv=None) -> dict:
         # another process holds make a CPU run several times slower.
         torch.set_num_threads(1)
     on_gpu = torch.cuda.is_available()
-    shape = dict(TINY if args.tiny else LLAMA_31_8B)
-    if args.layers:
-        shape["num_hidden_layers"] = args.layers
+    shape = bench_shape(args.tiny, args.layers)
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"bench_{slug(gpu_name())}.json")
     clock = Clock(args.time_budget_s)
     results = json.loads(out.read_text()) if args.merge and out.is_file() else {}

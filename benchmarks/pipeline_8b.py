@@ -53,7 +53,7 @@ def main() -> None:
 
     import yaml
 
-    shape = dict(bench.LLAMA_31_8B, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    shape = bench.bench_shape(layers=args.layers)
     model_dir = Path(args.workdir)
     built = bench.build_model_dir(model_dir, shape, seed=0)
     run_dir = Path("/tmp/pipeline_8b")

@@ -34,7 +34,7 @@ def main() -> None:
 
     from stages.config import EvaluateParams
 
-    shape = dict(bench.LLAMA_31_8B, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    shape = bench.bench_shape(layers=args.layers)
     bench.build_model_dir(Path(args.workdir), shape, seed=0)
     model, tokenizer = bench.load_project_model(args.workdir, dequantize=True)
     device = next(model.parameters()).device

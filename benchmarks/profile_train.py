@@ -39,8 +39,7 @@ def main() -> None:
 
     from stages.config import TrainParams
 
-    shape = dict(bench.TINY if args.tiny else bench.LLAMA_31_8B,
-                 **({"num_hidden_layers": args.layers} if args.layers else {}))
+    shape = bench.bench_shape(args.tiny, args.layers)
     bench.build_model_dir(Path(args.workdir), shape, seed=0)
     steps = args.warmup + 1
     rows = bench.make_train_rows(steps * bench.EFFECTIVE_BATCH, shape["vocab_size"], seed=42)
