@@ -10,8 +10,7 @@ with random weights, on token sequences of GSM8K's length distribution:
   `stages.train.build_trainer` with the project's settings: "padding_free" (the 8 rows of a step
   in one micro-batch), "card" (batch 1 × accumulation 8), each also with Liger's kernels ("+liger")
   or regional torch.compile ("+compile", train.torch_compile; "-checkpointing": without gradient
-  checkpointing; "+bnb-ops": compiled with bitsandbytes' 4-bit ops instead of stages/nf4.py's traced
-  dequantization). Every path reads
+  checkpointing). Every path reads
   the same rows in the same order from the same LoRA init, so their per-step losses must agree
   (see `loss_agreement`): a faster path that trains something else does not count.
 - eval: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
@@ -355,24 +354,6 @@ def load_plain_4bit(workdir: str):
     return model
 
 
-def nf4_dequantization_agreement(model) -> dict:
-    """stages/nf4.py's traced dequantization against bitsandbytes' kernel, on every 4-bit weight of
-    the recipe's model: the compiled path must use the very weights the plain one uses."""
-    import bitsandbytes as bnb
-    import torch
-
-    from stages.nf4 import dequantize_nf4
-
-    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    max_diff, identical = 0.0, 0
-    with torch.no_grad():
-        for w in weights:
-            diff = (bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-                    - dequantize_nf4(w.data, w.quant_state).float()).abs().max().item()
-            max_diff, identical = max(max_diff, diff), identical + (diff == 0)
-    return {"weights": len(weights), "identical": identical, "max_abs_diff": max_diff}
-
-
 def train_baseline(workdir: str, rows: list[dict], steps: int, warmup: int, lora: dict, train_p, seed: int) -> tuple:
     """The plain recipe, as plainly as it is usually written; returns (figures, LoRA A snapshot)."""
     import bitsandbytes as bnb
@@ -386,7 +367,6 @@ def train_baseline(workdir: str, rows: list[dict], steps: int, warmup: int, lora
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                              target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
     snapshot = lora_a_snapshot(model)
-    nf4_agreement = nf4_dequantization_agreement(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The project's optimisation settings (weight decay 0, clipping, schedule), so that the per-step
     # losses can be compared; none of them costs measurable time.
@@ -418,8 +398,7 @@ def train_baseline(workdir: str, rows: list[dict], steps: int, warmup: int, lora
         losses.append(step_loss.item())
         sync()
         step_ends.append(time.perf_counter())
-    figures = {"losses": losses, "grad_norms": grad_norms, **timing_summary(step_ends, start, rows, warmup),
-               "nf4_dequantization_agreement": nf4_agreement}
+    figures = {"losses": losses, "grad_norms": grad_norms, **timing_summary(step_ends, start, rows, warmup)}
     del model, optimizer, trainable
     return figures, snapshot
 
@@ -630,11 +609,11 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
         if name != "baseline_4bit_b64" and base_wall and v.get("wall_seconds_full_split"):
             ratios[f"eval_wall_speedup/{name}"] = round(base_wall / v["wall_seconds_full_split"], 2)
 
-    def fast_and_same(name, factor, memory=True):
+    def fast_and_same(name, factor):
         v = train.get(name, {})
         if "train_tokens_per_second" not in v or not base_tps:
             return None
-        memory_ok = (not memory or base_peak is None or v.get("peak_allocated_gib") is None
+        memory_ok = (base_peak is None or v.get("peak_allocated_gib") is None
                      or v["peak_allocated_gib"] <= base_peak)
         return bool(v["train_tokens_per_second"] >= factor * base_tps and memory_ok and v.get("loss_check") == "PASS")
 
@@ -642,10 +621,6 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
     goals[f"train_effective_batch_8_>={GOAL_TRAIN_SPEEDUP:g}x_same_loss_no_more_memory"] = (
         any(pf) if any(p is not None for p in pf) else None)
     card = [fast_and_same(n, GOAL_CARD_SPEEDUP) for n, v in TRAIN_VARIANTS.items()
-            if (v["per_device_train_batch_size"], v["gradient_accumulation_steps"]) == (1, EFFECTIVE_BATCH)]
-    goals[f"train_card_batch_1x8_>={GOAL_CARD_SPEEDUP:g}x_same_loss_no_more_memory"] = (
-        any(card) if any(c is not None for c in card) else None)
-    card = [fast_and_same(n, GOAL_CARD_SPEEDUP, memory=False) for n, v in TRAIN_VARIANTS.items()
             if (v["per_device_train_batch_size"], v["gradient_accumulation_steps"]) == (1, EFFECTIVE_BATCH)]
     goals[f"train_card_batch_1x8_>={GOAL_CARD_SPEEDUP:g}x_same_loss"] = (
         any(card) if any(c is not None for c in card) else None)
@@ -747,12 +722,7 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
                                        padding_free=False, torch_compile=True, gradient_checkpointing=False),
     "padding_free+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,
                                  torch_compile=True),
-    # The compiled layers with bitsandbytes' own 4-bit ops inside them, as before stages/nf4.py traced
-    # the NF4 dequantization: what that lever buys, measured in the same run.
-    "card+compile-checkpointing+bnb-ops": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8,
-                                               padding_free=False, torch_compile=True, gradient_checkpointing=False),
 }
-BNB_OPS_VARIANTS = {"card+compile-checkpointing+bnb-ops"}
 # Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
 # variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
 # "generate" transformers' generate() on the same model (evaluate.engine: generate).
@@ -980,17 +950,6 @@ def undo_module_patches():
         F.cross_entropy = saved_ce
 
 
-@contextlib.contextmanager
-def untraced_nf4():
-    """train.torch_compile as it was before stages/nf4.py: bitsandbytes' ops inside the compiled layers."""
-    from unittest import mock
-
-    from stages import nf4
-
-    with mock.patch.object(nf4, "trace_nf4_linears", lambda model: 0):
-        yield
-
-
 def train_section(args, results, out, clock, plan, shape, workdir) -> None:
     from stages.config import TrainParams
 
@@ -1020,8 +979,8 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
             continue
         params = dataclasses.replace(train_p, **TRAIN_VARIANTS[name])
 
-        def project(params=params, bnb_ops=name in BNB_OPS_VARIANTS):
-            with undo_module_patches(), untraced_nf4() if bnb_ops else contextlib.nullcontext():
+        def project(params=params):
+            with undo_module_patches():
                 return train_project(str(workdir), rows, args.train_steps, args.warmup_steps, params, args.seed,
                                      state.get("lora_a"))
 

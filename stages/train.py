@@ -304,13 +304,9 @@ def compile_decoder_layers(model) -> int:
     compiled in place, inside gradient checkpointing, with dynamic sequence lengths. The layers
     share their code, so one compilation (~1 min for an 8B layer) serves them all; compiling the
     whole model would unroll all 32 layers into one graph. The LoRA weights stay the same
-    parameters, so saving, resuming and the optimizer see nothing different. The NF4 base linears
-    are traced too (stages/nf4.py): bitsandbytes' custom ops would cost more host time than the GPU
-    spends on them."""
+    parameters, so saving, resuming and the optimizer see nothing different."""
     import torch._inductor.config as inductor_config
     from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from stages import nf4
 
     # LoRA dropout draws its masks from torch's generator as in eager mode, so that compiling
     # changes the speed and not which units are dropped (the benchmark compares losses step by step).
@@ -319,7 +315,6 @@ def compile_decoder_layers(model) -> int:
     if not layers:
         raise UserError(f"params.yaml: train.torch_compile: {type(model).__name__} has no transformers decoder "
                         "layers to compile; set it to false")
-    nf4.trace_nf4_linears(model)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
