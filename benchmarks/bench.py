@@ -10,7 +10,7 @@ with random weights, on token sequences of GSM8K's length distribution:
   `stages.train.build_trainer` with the project's settings: "padding_free" (the 8 rows of a step
   in one micro-batch), "card" (batch 1 × accumulation 8), each also with Liger's kernels ("+liger")
   or regional torch.compile ("+compile", train.torch_compile; "-checkpointing": without gradient
-  checkpointing; "+python-wrapper": inductor's Python wrapper instead of its C++ one). Every path reads
+  checkpointing). Every path reads
   the same rows in the same order from the same LoRA init, so their per-step losses must agree
   (see `loss_agreement`): a faster path that trains something else does not count.
 - eval: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
@@ -728,13 +728,7 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
                                        padding_free=False, torch_compile=True, gradient_checkpointing=False),
     "padding_free+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,
                                  torch_compile=True),
-    # The compiled layers launched from inductor's Python wrapper, as before train.torch_compile used its
-    # C++ one (stages.train.COMPILE_OPTIONS): what that lever buys, measured in the same run.
-    "card+compile-checkpointing+python-wrapper": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8,
-                                                      padding_free=False, torch_compile=True,
-                                                      gradient_checkpointing=False),
 }
-PYTHON_WRAPPER_VARIANTS = {"card+compile-checkpointing+python-wrapper"}
 # Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
 # variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
 # "generate" transformers' generate() on the same model (evaluate.engine: generate).
@@ -993,14 +987,9 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
             continue
         params = dataclasses.replace(train_p, **TRAIN_VARIANTS[name])
 
-        def project(params=params, python_wrapper=name in PYTHON_WRAPPER_VARIANTS):
-            from unittest import mock
-
-            import stages.train
-
-            options = {"cpp_wrapper": False} if python_wrapper else {}
+        def project(params=params):
             try:
-                with undo_module_patches(), mock.patch.dict(stages.train.COMPILE_OPTIONS, options):
+                with undo_module_patches():
                     return train_project(str(workdir), rows, args.train_steps, args.warmup_steps, params,
                                          args.seed, state.get("lora_a"))
             finally:
