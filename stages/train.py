@@ -302,7 +302,7 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
 # Inductor settings of train.torch_compile. fallback_random: LoRA dropout draws its masks from torch's
 # generator as in eager mode, so that compiling changes the speed and not which units are dropped (the
 # benchmark compares losses step by step). Measured and left out: cpp_wrapper (launching the kernels from
-# C++; bench runs 9 and 10 put it within the run-to-run noise, and it fails inside gradient checkpointing).
+# C++; bench runs 9 and 10 showed no gain beyond their order effect, and it fails inside gradient checkpointing).
 COMPILE_OPTIONS = {"fallback_random": True}
 
 

@@ -142,3 +142,27 @@ def test_profile_train_runs_the_project_path_under_the_profiler(tmp_path):
     card = json.loads(result_file.read_text())["variants"]["card"]
     assert len(card["step_seconds"]) == 2 and 0 < card["profiled_step_wall_s"] <= card["step_seconds"][1] * 1.5
     assert "bitsandbytes::gemm_4bit" in card["top_host"] or "aten::mm" in card["top_host"]
+
+
+@pytest.mark.parametrize("card, fast, fast_in_memory", [
+    (dict(train_tokens_per_second=700.0, peak_allocated_gib=9.3, allocated_at_start_gib=1.0), True, True),
+    (dict(train_tokens_per_second=700.0, peak_allocated_gib=9.3, allocated_at_start_gib=0.0), True, False),
+    (dict(train_tokens_per_second=590.0, peak_allocated_gib=8.0, allocated_at_start_gib=0.0), False, False),
+])
+def test_card_goal_with_and_without_the_memory_clause(card, fast, fast_in_memory):
+    """2x the plain recipe at batch 1 x 8 with the same loss; the memory clause counts the variant's own
+    peak, not what earlier variants of the process left allocated."""
+    bench = load_bench()
+    results = {"train": {"baseline": {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9},
+                         "card+compile-checkpointing": {**card, "loss_check": "PASS"}}}
+    _, goals = bench.ratios_and_goals(results, tiny=False)
+    assert goals["train_card_batch_1x8_>=2x_same_loss"] is fast
+    assert goals["train_card_batch_1x8_>=2x_same_loss_no_more_memory"] is fast_in_memory
+    assert goals["train_effective_batch_8_>=5x_same_loss_no_more_memory"] is None  # no padding-free variant ran
+
+
+def test_train_variants_run_in_the_order_asked():
+    """A compiled variant that follows another one ran faster (bench runs 9 and 10): the order is the caller's."""
+    bench = load_bench()
+    args = bench.parse_args(["--sections", "train", "--train-variants", "card+compile-checkpointing,card"])
+    assert bench.wanted_variants(args, "train") == ["baseline", "card+compile-checkpointing", "card"]
