@@ -614,7 +614,7 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
         if "train_tokens_per_second" not in v or not base_tps:
             return None
         # A variant's own peak: what earlier variants of this process left allocated is not its memory
-        # (each one so far has left ~1 GiB behind: allocated_at_start_gib in the results).
+        # (until release() cleared bitsandbytes' optimizer manager, each left ~1 GiB: allocated_at_start_gib).
         own_peak = v.get("peak_allocated_gib") and v["peak_allocated_gib"] - v.get("allocated_at_start_gib", 0.0)
         memory_ok = not memory or base_peak is None or own_peak is None or own_peak <= base_peak
         return bool(v["train_tokens_per_second"] >= factor * base_tps and memory_ok and v.get("loss_check") == "PASS")
@@ -1091,6 +1091,11 @@ def release(loaded: dict) -> None:
     loaded.clear()
     if "torch._dynamo" in sys.modules:  # compiled code (train variants with torch.compile) holds models
         sys.modules["torch._dynamo"].reset()
+    if "bitsandbytes" in sys.modules:
+        # The Trainer registers every nn.Embedding with bitsandbytes' process-wide GlobalOptimManager
+        # (32-bit optimizer states for it) and never unregisters it: each trainer's input embedding,
+        # 1 GiB for the 8B shape, stayed allocated through the later variants (runs 1-11).
+        sys.modules["bitsandbytes"].optim.GlobalOptimManager.get_instance().initialize()
     free_memory()
 
 

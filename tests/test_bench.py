@@ -166,3 +166,23 @@ def test_train_variants_run_in_the_order_asked():
     bench = load_bench()
     args = bench.parse_args(["--sections", "train", "--train-variants", "card+compile-checkpointing,card"])
     assert bench.wanted_variants(args, "train") == ["baseline", "card+compile-checkpointing", "card"]
+
+
+def test_release_frees_what_the_trainer_registered_with_bitsandbytes():
+    """The Trainer registers each nn.Embedding with bitsandbytes' process-wide optimizer manager (32-bit
+    states); without release() a later variant still held the earlier model's embedding (1 GiB at 8B)."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+    import torch
+
+    bench = load_bench()
+    embedding = torch.nn.Embedding(16, 4)
+    bnb.optim.GlobalOptimManager.get_instance().register_module_override(embedding, "weight", {"optim_bits": 32})
+    alive = weakref.ref(embedding)
+    del embedding
+    gc.collect()
+    assert alive() is not None  # the manager holds it
+    bench.release({})
+    assert alive() is None
