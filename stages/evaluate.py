@@ -190,13 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     memory.preflight_eval(config, model_p, eval_p, longest_prompt, merged_bf16=eval_p.dequantize)
 
     import torch
-    from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+    from accelerate.utils import gather_object
 
     from stages.gsm8k import flexible_answer, is_correct, load_metric, strict_answer
+    from stages.modeling import process_state
 
-    # cpu=…: gloo ranks on CPU (tests) are only seen as distributed when accelerate is told so.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = process_state()
     model = load_for_generation(model_p, args.adapter, eval_p.dequantize)
     started = time.perf_counter()
     indices = list(range(len(rows)))

@@ -99,6 +99,15 @@ def device_map():
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
+def process_state():
+    """accelerate's view of this process (rank, world size) for the stages run under `stages.launch`.
+    Gloo ranks on CPU (tests) are only seen as distributed when accelerate is told `cpu=`."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def load_model(model: ModelParams, *, dtype=None):
     """The base causal LM: NF4-quantized when model.load_in_4bit, else in `dtype` (default compute dtype)."""
     import torch

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)  # fail early
 
     from stages import memory
-    from stages.modeling import load_config, load_tokenizer
+    from stages.modeling import load_config, load_tokenizer, process_state
 
     config = load_config(model_p.name)
     memory.preflight_train(config.to_dict(), model_p, train_p)
@@ -222,13 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     if n_cut:
         print(f"train: {n_cut} of {len(train_tok)} rows are longer than train.max_length={train_p.max_length} and were cut")
 
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     fp = fingerprint(model_p, prompt_p, train_p, [args.train_file, args.dev_file])
     # Rank 0 first: it deletes checkpoints of another configuration before any rank looks.
-    # cpu=…: gloo ranks on CPU (tests) are only seen as distributed when accelerate is told so.
-    with PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).main_process_first():
+    with process_state().main_process_first():
         resume_from = find_resume_checkpoint(args.resume_dir, fp)
     if resume_from:
         print(f"train: resuming from {resume_from}")
