@@ -449,11 +449,23 @@ def train_project(workdir: str, rows: list[dict], steps: int, warmup: int, train
         got = first["input_ids"].flatten().tolist()
         figures["data_order_sequential"] = got[:len(expected)] == expected
         trainer.train()
+        if train_p.torch_compile:
+            figures["compile_counters"] = compile_counters()
         history = trainer.state.log_history
         figures["losses"] = [e["loss"] for e in history if "loss" in e]
         figures["grad_norms"] = [e.get("grad_norm") for e in history if "loss" in e]
         figures.update(timing_summary(timer.ends, timer.start, rows, warmup))
     return figures
+
+
+def compile_counters() -> dict:
+    """What dynamo and inductor did in this variant (release() clears them between variants):
+    graphs compiled, and for train.cuda_graphs whether any graph ran without CUDA graphs
+    (cudagraph_skips) or copied inputs into graph memory on each replay."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            **{k: v for k, v in counters["inductor"].items() if "cudagraph" in k}}
 
 
 def loss_agreement(baseline: dict, figures: dict, warmup: int, rtol: float) -> dict:
@@ -726,6 +738,8 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
                                        padding_free=False, torch_compile=True, gradient_checkpointing=False),
     "padding_free+compile": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,
                                  torch_compile=True),
+    "card+cudagraphs": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
+                            torch_compile=True, gradient_checkpointing=False, cuda_graphs=True),
 }
 # Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
 # variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
@@ -1090,7 +1104,8 @@ def engine_agreement(static: list[str], reference: list[str]) -> dict:
 def release(loaded: dict) -> None:
     loaded.clear()
     if "torch._dynamo" in sys.modules:  # compiled code (train variants with torch.compile) holds models
-        sys.modules["torch._dynamo"].reset()
+        sys.modules["torch._dynamo"].reset()  # CUDA-graph trees (train.cuda_graphs) included
+        sys.modules["torch._dynamo"].utils.counters.clear()
     if "bitsandbytes" in sys.modules:
         # The Trainer registers every nn.Embedding with bitsandbytes' process-wide GlobalOptimManager
         # (32-bit optimizer states for it) and never unregisters it: each trainer's input embedding,

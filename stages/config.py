@@ -137,6 +137,11 @@ class TrainParams:
     # torch.compile each decoder layer in place (regional compilation: one compilation serves every
     # layer). Fewer, fused kernels: what pays at batch 1, where the GPU waits for kernel launches.
     torch_compile: bool = False
+    # With torch_compile: replay each compiled decoder layer as CUDA graphs instead of launching its
+    # kernels one by one from Python, which is most of a batch-1 step's time. Rows are padded to a
+    # multiple of 64 tokens (pads are masked out of attention and loss) so that a handful of lengths
+    # is recorded. Needs gradient_checkpointing: false. CUDA only (ignored on CPU).
+    cuda_graphs: bool = False
     # GPUs (processes) `accelerate launch` starts for this stage, one DDP rank each. The effective
     # batch stays per_device_train_batch_size × gradient_accumulation_steps: each rank accumulates
     # gradient_accumulation_steps / num_processes micro-batches (or, when that does not divide,
@@ -149,6 +154,12 @@ class TrainParams:
         # dynamo cannot trace through Liger's kernels: one or the other.
         _check(not (self.torch_compile and self.use_liger_kernel), "torch_compile",
                "true needs train.use_liger_kernel: false (compiling fuses the same kernels)")
+        _check(not self.cuda_graphs or self.torch_compile, "cuda_graphs",
+               "true needs train.torch_compile: true (the graphs are recorded from the compiled layers)")
+        # Checkpointing reruns each layer's forward inside backward with a saved RNG state, which a
+        # CUDA graph cannot replay (inductor refuses run_with_rng_state).
+        _check(not (self.cuda_graphs and self.gradient_checkpointing), "cuda_graphs",
+               "true needs train.gradient_checkpointing: false")
         _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         targets = self.lora_target_modules

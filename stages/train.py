@@ -87,6 +87,7 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
         # padding_free because it would not enforce it.
         max_length=None if train.padding_free else train.max_length,
         padding_free=train.padding_free,
+        pad_to_multiple_of=CUDA_GRAPH_LENGTH_MULTIPLE if train.cuda_graphs else None,
         completion_only_loss=True,
         use_liger_kernel=train.use_liger_kernel and on_gpu,
         logging_steps=train.logging_steps,
@@ -291,7 +292,7 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
     )
     trainer.add_callback(keep_trainable_dtypes(trainer.model))
     if train_p.torch_compile:
-        compile_decoder_layers(trainer.model)
+        compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs)
     return trainer
 
 
@@ -300,23 +301,76 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
 # benchmark compares losses step by step). Measured and left out: cpp_wrapper (launching the kernels from
 # C++; bench runs 9 and 10 showed no gain beyond their order effect, and it fails inside gradient checkpointing).
 COMPILE_OPTIONS = {"fallback_random": True}
+# train.cuda_graphs: a CUDA graph replays one sequence length, so rows are padded up to a multiple of
+# this many tokens (GSM8K's rows, ~100-500 tokens, then need ~7 recordings per layer instead of one
+# per distinct length). Padding adds ~13% of tokens at GSM8K's mean length, which at batch 1 the GPU,
+# mostly idle, absorbs; pads are masked out of attention and carry no loss.
+CUDA_GRAPH_LENGTH_MULTIPLE = 64
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
     """Regional torch.compile: every decoder layer (transformers' GradientCheckpointingLayer) is
     compiled in place, inside gradient checkpointing, with dynamic sequence lengths. The layers
     share their code, so one compilation (~1 min for an 8B layer) serves them all; compiling the
     whole model would unroll all 32 layers into one graph. The LoRA weights stay the same
-    parameters, so saving, resuming and the optimizer see nothing different."""
+    parameters, so saving, resuming and the optimizer see nothing different.
+
+    cuda_graphs: inductor records each layer's forward and backward as CUDA graphs (its CUDA-graph
+    trees, one recording per layer and padded length) and replays them, so that the host no longer
+    launches every kernel from Python."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise UserError(f"params.yaml: train.torch_compile: {type(model).__name__} has no transformers decoder "
                         "layers to compile; set it to false")
+    options = dict(COMPILE_OPTIONS)
+    if cuda_graphs:
+        options["triton.cudagraphs"] = True
+        for layer in layers:
+            mark_quant_states_static(layer)
+        copy_grads_out_of_graph_memory(model)
     for layer in layers:
-        layer.compile(dynamic=True, options=dict(COMPILE_OPTIONS))
+        layer.compile(dynamic=True, options=options)
     return len(layers)
+
+
+def mark_quant_states_static(module) -> None:
+    """bitsandbytes keeps each 4-bit weight's scales (absmax, code, ...) on a QuantState object, not
+    as parameters or buffers, so the graphs would see them as ordinary inputs and copy them into
+    graph memory on every replay. They never move: tell dynamo so (unguarded: no recompilation per
+    layer; a moved tensor would only cost a re-recording)."""
+    import torch
+
+    def tensors(state):
+        if state is None:
+            return
+        for name in ("absmax", "code", "offset"):
+            value = getattr(state, name, None)
+            if isinstance(value, torch.Tensor):
+                yield value
+        yield from tensors(getattr(state, "state2", None))
+
+    for sub in module.modules():
+        for t in tensors(getattr(getattr(sub, "weight", None), "quant_state", None)):
+            torch._dynamo.mark_static_address(t, guard=False)
+
+
+def copy_grads_out_of_graph_memory(model) -> None:
+    """A LoRA weight's gradient is an output of a replayed backward graph, living in the graphs' memory
+    pool, which the next micro-batch's replay overwrites. With no .grad yet (the first micro-batch of
+    each optimizer step), autograd would adopt that tensor as .grad without copying, and gradient
+    accumulation would silently keep only the last micro-batch's gradient (pytorch/pytorch#169545).
+    A hook hands autograd a copy in that case; later micro-batches add into the existing .grad."""
+    import functools
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_hook(functools.partial(_own_grad, param))
+
+
+def _own_grad(param, grad):
+    return grad.clone() if param.grad is None else grad
 
 
 def keep_trainable_dtypes(model):

@@ -112,3 +112,48 @@ def test_a_batch_that_cannot_be_split_is_refused():
 
     with pytest.raises(UserError, match="cannot be split over 3 processes"):
         per_rank_batch(3, 1, 8)
+
+
+def test_cuda_graphs_path_pads_rows_and_trains_the_same_as_the_card(tiny_model_dir, tmp_path):
+    # train.cuda_graphs on CPU: no graphs (CUDA only), but the same padded rows, compiled layers and
+    # gradient hooks as on a GPU. Dropout off: padding shifts which random numbers each row draws.
+    card, _ = make_trainer(tiny_model_dir, tmp_path / "card", max_steps=2, lora_dropout=0.0,
+                           per_device_train_batch_size=1, gradient_accumulation_steps=8)
+    graphs, _ = make_trainer(tiny_model_dir, tmp_path / "graphs", max_steps=2, lora_dropout=0.0,
+                             per_device_train_batch_size=1, gradient_accumulation_steps=8, torch_compile=True,
+                             gradient_checkpointing=False, cuda_graphs=True)
+    batch = next(iter(graphs.get_train_dataloader()))
+    real = int(batch["attention_mask"].sum())
+    assert batch["input_ids"].shape[1] % 64 == 0 and real < batch["input_ids"].shape[1]
+    assert (batch["labels"][0, real:] == -100).all()  # pads carry no loss
+    assert step_losses(graphs) == pytest.approx(step_losses(card), rel=2e-3)
+
+
+class PoolGrad(torch.autograd.Function):
+    """Returns its gradient in one buffer that every backward overwrites, as a replayed CUDA graph does."""
+    buffer = torch.zeros(3)
+
+    @staticmethod
+    def forward(ctx, weight, x):
+        ctx.save_for_backward(x)
+        return (weight * x).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        PoolGrad.buffer.copy_(grad_out * x)
+        return PoolGrad.buffer.view_as(PoolGrad.buffer), None  # a fresh tensor on the shared memory
+
+
+@pytest.mark.parametrize("hooked, expected", [(False, 4.0), (True, 3.0)])
+def test_gradient_accumulation_survives_graph_memory_reuse(hooked, expected):
+    from stages.train import copy_grads_out_of_graph_memory
+
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.zeros(3))
+    if hooked:
+        copy_grads_out_of_graph_memory(model)
+    for micro_batch in (1.0, 2.0):  # gradients 1 and 2: accumulated, 3
+        PoolGrad.apply(model.weight, torch.full((3,), micro_batch)).backward()
+    # Unhooked, autograd adopted the buffer as .grad, and the second backward overwrote it (pytorch#169545).
+    assert model.weight.grad.tolist() == [expected] * 3
