@@ -324,6 +324,13 @@ def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
     if not layers:
         raise UserError(f"params.yaml: train.torch_compile: {type(model).__name__} has no transformers decoder "
                         "layers to compile; set it to false")
+    import torch
+
+    # Python floats the layers read (LoRA's scaling, RMSNorm's eps) are constants: let dynamo bake them
+    # in. By default it turns each into a CPU scalar input of the graph, which costs a host-side
+    # kernel and a host-to-device copy per layer call, and which inductor's CUDA-graph partitions
+    # mishandle (a segfault in the first backward replay, H100, torch 2.11).
+    torch._dynamo.config.specialize_float = True
     options = dict(COMPILE_OPTIONS)
     if cuda_graphs:
         options["triton.cudagraphs"] = True
