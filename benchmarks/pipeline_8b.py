@@ -47,8 +47,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--eval-limit", type=int, default=128)
-    parser.add_argument("--variant", default="default", choices=["default", "card"],
-                        help="default: params.yaml as committed; card: batch 1 x accumulation 8, 4-bit generation")
+    parser.add_argument("--variant", default="default", choices=["default", "card", "card-graphs"],
+                        help="default: params.yaml as committed; card: batch 1 x accumulation 8, 4-bit generation; "
+                             "card-graphs: batch 1 x accumulation 8 with torch_compile and cuda_graphs, a dev "
+                             "pass mid-run (graphs recorded for training and for evaluation), default evaluation")
     args = parser.parse_args()
 
     import yaml
@@ -75,6 +77,10 @@ def main() -> None:
         params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
                                use_liger_kernel=False)
         params["evaluate"].update(dequantize=False, engine="generate", batch_size=64)
+    if args.variant == "card-graphs":
+        params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
+                               use_liger_kernel=False, torch_compile=True, cuda_graphs=True,
+                               gradient_checkpointing=False, eval_steps=max(args.train_steps // 2, 1))
     params["evaluate"].update(max_new_tokens=256, limit=args.eval_limit, stop=[bench.PROBE_WORD])
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))

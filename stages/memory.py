@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import EvaluateParams, ModelParams, TrainParams, load_params
+from stages.config import CUDA_GRAPH_LENGTH_MULTIPLE, EvaluateParams, ModelParams, TrainParams, load_params
 from stages.io import UserError, cli
 
 GIB = 1024**3
@@ -226,7 +226,10 @@ def estimate_train(config: dict, model: ModelParams, train: TrainParams, dev_bat
     """
     shape = model_shape(config)
     compute = DTYPE_BYTES[model.bnb_4bit_compute_dtype]
-    tokens = train.per_device_train_batch_size * train.max_length
+    length = train.max_length
+    if train.cuda_graphs:  # rows are padded up to the graphs' length multiple
+        length = -(-length // CUDA_GRAPH_LENGTH_MULTIPLE) * CUDA_GRAPH_LENGTH_MULTIPLE
+    tokens = train.per_device_train_batch_size * length
     if model.load_in_4bit:
         weights = quantized_bytes(shape.quantized_params, model.bnb_4bit_use_double_quant) \
             + 4 * shape.unquantized_params
@@ -244,7 +247,7 @@ def estimate_train(config: dict, model: ModelParams, train: TrainParams, dev_bat
 
     # A batch of several rows (padded, or packed padding-free) gets an attention mask, and with a
     # mask transformers repeats the KV heads for SDPA instead of using its grouped-query path.
-    repeat_kv = train.per_device_train_batch_size > 1
+    repeat_kv = train.per_device_train_batch_size > 1 or train.cuda_graphs  # padded rows get a mask too
     per_layer = tokens * layer_activation_bytes(shape, lora_targets(train.lora_target_modules),
                                                 train.lora_r, train.lora_dropout > 0, act, repeat_kv)
     if model.attn_implementation == "eager":  # softmax input and output, heads x rows x len^2
@@ -330,6 +333,11 @@ def _largest_fitting(candidates: list[int], fits) -> int | None:
     return best
 
 
+def with_checkpointing(train: TrainParams) -> TrainParams:
+    """`train` with gradient checkpointing on; CUDA graphs cannot replay checkpointed layers, so off."""
+    return dataclasses.replace(train, gradient_checkpointing=True, cuda_graphs=False)
+
+
 def advise_train(config: dict, model: ModelParams, train: TrainParams, free_bytes: int,
                  dev_batch_size: int = 0) -> list[str]:
     """Single changes to the params under which `estimate_train` fits `free_bytes`, best first.
@@ -350,8 +358,9 @@ def advise_train(config: dict, model: ModelParams, train: TrainParams, free_byte
     if batch:
         advice.append(f"train.per_device_train_batch_size <= {batch} "
                       "(raise gradient_accumulation_steps to keep the effective batch)")
-    if not train.gradient_checkpointing and fits(model, dataclasses.replace(train, gradient_checkpointing=True)):
-        advice.append("train.gradient_checkpointing: true")
+    if not train.gradient_checkpointing and fits(model, with_checkpointing(train)):
+        advice.append("train.gradient_checkpointing: true" + (" + train.cuda_graphs: false" if train.cuda_graphs
+                                                              else ""))
     if not model.load_in_4bit and fits(dataclasses.replace(model, load_in_4bit=True), train):
         advice.append("model.load_in_4bit: true")
     if train.optim not in EIGHT_BIT_OPTIMIZERS and fits(model, dataclasses.replace(train, optim="paged_adamw_8bit")):
@@ -364,7 +373,7 @@ def advise_train(config: dict, model: ModelParams, train: TrainParams, free_byte
         return advice
 
     small_model = dataclasses.replace(model, load_in_4bit=True)
-    small_train = dataclasses.replace(train, gradient_checkpointing=True, per_device_train_batch_size=1,
+    small_train = dataclasses.replace(with_checkpointing(train), per_device_train_batch_size=1,
                                       optim="paged_adamw_8bit" if train.optim not in EIGHT_BIT_OPTIMIZERS
                                       else train.optim)
     length = _largest_fitting(list(range(128, train.max_length + 1, 128)),
@@ -374,6 +383,8 @@ def advise_train(config: dict, model: ModelParams, train: TrainParams, free_byte
     changes = [f"{key}: true" for key, old in (("model.load_in_4bit", model.load_in_4bit),
                                                ("train.gradient_checkpointing", train.gradient_checkpointing))
                if not old]
+    if train.cuda_graphs:
+        changes.append("train.cuda_graphs: false")
     if train.per_device_train_batch_size > 1:
         changes.append("train.per_device_train_batch_size: 1")
     if small_train.optim != train.optim:

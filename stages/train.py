@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stages.config import ModelParams, PromptParams, TrainParams, load_params
+from stages.config import CUDA_GRAPH_LENGTH_MULTIPLE, ModelParams, PromptParams, TrainParams, load_params
 from stages.io import UserError, atomic_path, cli, read_jsonl, write_json
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -301,11 +301,6 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
 # benchmark compares losses step by step). Measured and left out: cpp_wrapper (launching the kernels from
 # C++; bench runs 9 and 10 showed no gain beyond their order effect, and it fails inside gradient checkpointing).
 COMPILE_OPTIONS = {"fallback_random": True}
-# train.cuda_graphs: a CUDA graph replays one sequence length, so rows are padded up to a multiple of
-# this many tokens (GSM8K's rows, ~100-500 tokens, then need ~7 recordings per layer instead of one
-# per distinct length). Padding adds ~13% of tokens at GSM8K's mean length, which at batch 1 the GPU,
-# mostly idle, absorbs; pads are masked out of attention and carry no loss.
-CUDA_GRAPH_LENGTH_MULTIPLE = 64
 
 
 def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:

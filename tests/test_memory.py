@@ -58,6 +58,14 @@ def test_4bit_weights_are_smaller_than_bf16():
     assert evaluate / GIB == pytest.approx(5.3, rel=0.03)
 
 
+def test_cuda_graphs_count_the_padded_length():
+    # Rows are padded up to a multiple of 64 tokens for the graphs: 300 tokens are estimated as 320.
+    graphs = dataclasses.replace(PLAIN, max_length=300, gradient_checkpointing=False, torch_compile=True,
+                                 cuda_graphs=True)
+    padded = dataclasses.replace(graphs, max_length=320)
+    assert memory.estimate_train(LLAMA_8B, QLORA, graphs) == memory.estimate_train(LLAMA_8B, QLORA, padded)
+
+
 @pytest.mark.parametrize("max_length", [320, 2048])
 def test_checkpointing_reduces_activations(max_length):
     with_ = memory.estimate_train(LLAMA_8B, QLORA, dataclasses.replace(PLAIN, max_length=max_length))
@@ -132,6 +140,9 @@ def test_preflight_with_nothing_that_fits_says_so():
      "train.gradient_checkpointing: true"),
     (QLORA, dataclasses.replace(PLAIN, per_device_train_batch_size=8, max_length=1024),
      "train.per_device_train_batch_size <= "),
+    # CUDA graphs need checkpointing off: the advice turns them off with it (and does not crash).
+    (QLORA, dataclasses.replace(PLAIN, max_length=1024, gradient_checkpointing=False, torch_compile=True,
+                                cuda_graphs=True), "train.gradient_checkpointing: true + train.cuda_graphs: false"),
 ])
 def test_advice_names_the_switch_that_fits(model, train, advice):
     free = train_total(model=QLORA, max_length=1024) + GIB // 10  # the plain recipe at 1024 tokens fits
