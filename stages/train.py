@@ -293,7 +293,25 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
     trainer.add_callback(keep_trainable_dtypes(trainer.model))
     if train_p.torch_compile:
         compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs)
+    if train_p.cuda_graphs:
+        evaluate_eagerly(trainer)
     return trainer
+
+
+def evaluate_eagerly(trainer) -> None:
+    """The dev-loss passes run the layers uncompiled. Under no_grad, inductor's CUDA-graph trees treat
+    every layer call as a new run and overwrite the previous layer's output before the next layer
+    reads it ("accessing tensor output of CUDAGraphs that has been overwritten", H100, torch 2.11);
+    and a dev pass is a few forwards per hundred training steps, not worth its own compilation."""
+    import torch
+
+    loop = trainer.evaluation_loop
+
+    def eager_evaluation_loop(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return loop(*args, **kwargs)
+
+    trainer.evaluation_loop = eager_evaluation_loop
 
 
 # Inductor settings of train.torch_compile. fallback_random: LoRA dropout draws its masks from torch's

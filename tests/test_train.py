@@ -127,6 +127,12 @@ def test_cuda_graphs_path_pads_rows_and_trains_the_same_as_the_card(tiny_model_d
     assert batch["input_ids"].shape[1] % 64 == 0 and real < batch["input_ids"].shape[1]
     assert (batch["labels"][0, real:] == -100).all()  # pads carry no loss
     assert step_losses(graphs) == pytest.approx(step_losses(card), rel=2e-3)
+    # The dev pass runs uncompiled (no graphs for no_grad forwards): nothing new is compiled for it.
+    from torch._dynamo.utils import counters
+
+    compiled = counters["stats"]["unique_graphs"]
+    assert graphs.evaluate()["eval_loss"] == pytest.approx(card.evaluate()["eval_loss"], rel=1e-3)
+    assert counters["stats"]["unique_graphs"] == compiled
 
 
 class PoolGrad(torch.autograd.Function):
