@@ -23,7 +23,7 @@ def result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     # One compiled variant: compiling takes ~30 s on 2 CPU cores, and the others compile the same way.
-    variants = "padding_free,card,padding_free+liger,card+liger,card+compile"
+    variants = "padding_free,card,padding_free+liger,card+liger,card+compile,card+cudagraphs"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--workdir", str(tmp / "model"), "--out", str(out),
                            "--train-variants", variants],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -33,7 +33,8 @@ def result(tmp_path_factory):
 
 def test_writes_every_section_and_variant(result):
     data, stdout = result
-    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger", "card+liger", "card+compile"}
+    assert set(data["train"]) == {"baseline", "padding_free", "card", "padding_free+liger", "card+liger", "card+compile",
+                                  "card+cudagraphs"}
     assert set(data["eval"]) == {"baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128",
                                  "4bit_b64"}
     for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
@@ -52,6 +53,12 @@ def test_padding_free_trains_the_same_thing_as_the_plain_loop(result):
     assert train["card"]["loss_check_strict"] == "PASS"  # Trainer's accumulation normalises like the plain loop
     # train.torch_compile: the compiled layers (same dropout masks as eager) train the same thing.
     assert train["card+compile"]["lora_a_identical"] and train["card+compile"]["loss_check_strict"] == "PASS"
+    # train.cuda_graphs (on CPU: padded rows, compiled layers, gradient hooks; no graphs): the same training.
+    graphs = train["card+cudagraphs"]
+    assert graphs["lora_a_identical"] and graphs["loss_check_strict"] == "PASS"
+    assert graphs["cuda_graph_recording_steps"] == [] and graphs["compile_counters"]["unique_graphs"] >= 1
+    assert graphs["steady_state"]["steps"] == list(range(result[0]["settings"]["warmup_steps_untimed"],
+                                                         result[0]["settings"]["train_steps"]))
 
 
 def test_figures_are_positive_and_generation_is_full_length(result):
@@ -186,3 +193,12 @@ def test_release_frees_what_the_trainer_registered_with_bitsandbytes():
     assert alive() is not None  # the manager holds it
     bench.release({})
     assert alive() is None
+
+
+def test_steady_state_leaves_out_the_steps_that_recorded_graphs():
+    bench = load_bench()
+    baseline = {"step_seconds": [9.0, 6.0, 6.0, 6.0, 6.0]}
+    graphs = {"step_seconds": [70.0, 1.0, 15.0, 1.0, 2.0], "cuda_graph_recording_steps": [0, 2]}
+    got = bench.steady_state(baseline, graphs, warmup=1)
+    assert got["steps"] == [1, 3, 4]  # step 0 is warm-up, step 2 recorded graphs
+    assert got["speedup"] == pytest.approx(18.0 / 4.0) and got["seconds_per_step"] == pytest.approx(4.0 / 3, abs=1e-4)
