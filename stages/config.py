@@ -101,7 +101,7 @@ class PromptParams:
 
 
 # train.cuda_graphs: a CUDA graph replays one sequence length, so rows are padded up to a multiple of
-# this many tokens (GSM8K's rows, ~100-500 tokens, then need ~7 recordings per layer instead of one
+# this many tokens (GSM8K's rows, ~100-500 tokens, then need ~6 recordings per layer instead of one
 # per distinct length). Padding adds ~13% of tokens at GSM8K's mean length, which at batch 1 the GPU,
 # mostly idle, absorbs; pads are masked out of attention and carry no loss.
 CUDA_GRAPH_LENGTH_MULTIPLE = 64

@@ -299,10 +299,10 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
 
 
 def evaluate_eagerly(trainer) -> None:
-    """The dev-loss passes run the layers uncompiled. Under no_grad, inductor's CUDA-graph trees treat
-    every layer call as a new run and overwrite the previous layer's output before the next layer
-    reads it ("accessing tensor output of CUDAGraphs that has been overwritten", H100, torch 2.11);
-    and a dev pass is a few forwards per hundred training steps, not worth its own compilation."""
+    """The dev-loss passes run the layers uncompiled. Under no_grad, inductor's CUDA-graph trees
+    overwrote a layer's output before the next layer read it ("accessing tensor output of CUDAGraphs
+    that has been overwritten by a subsequent run", H100, torch 2.11); and a dev pass is a few
+    forwards per hundred training steps, not worth its own compilation."""
     import torch
 
     loop = trainer.evaluation_loop
@@ -331,14 +331,13 @@ def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
     cuda_graphs: inductor records each layer's forward and backward as CUDA graphs (its CUDA-graph
     trees, one recording per layer and padded length) and replays them, so that the host no longer
     launches every kernel from Python."""
+    import torch
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
         raise UserError(f"params.yaml: train.torch_compile: {type(model).__name__} has no transformers decoder "
                         "layers to compile; set it to false")
-    import torch
-
     # Python floats the layers read (LoRA's scaling, RMSNorm's eps) are constants: let dynamo bake them
     # in. By default it turns each into a CPU scalar input of the graph, which costs a host-side
     # kernel and a host-to-device copy per layer call, and which inductor's CUDA-graph partitions
