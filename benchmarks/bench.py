@@ -774,6 +774,16 @@ TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequen
 EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128", "4bit_b64")
 
 
+def script_parser(workdir: str) -> argparse.ArgumentParser:
+    """The options every script built on this benchmark's model takes (pipeline_8b.py, profile_*.py):
+    where the model is built (`workdir`: its default), where results go, how many layers."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default=workdir)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--layers", type=int, default=None)
+    return parser
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=None, help="num_hidden_layers (default: the shape's, 32)")

@@ -8,7 +8,6 @@ Writes pipeline_8b_<gpu>.json: each command's wall time and exit code, and the s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -41,10 +40,7 @@ def run(cmd: list[str], log: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default="/tmp/bench-model")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--layers", type=int, default=None)
+    parser = bench.script_parser(workdir="/tmp/bench-model")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--eval-limit", type=int, default=128)
     parser.add_argument("--variant", default="default", choices=["default", "card", "card-graphs"],

@@ -8,7 +8,6 @@ profile_generate_<gpu>.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,10 +20,7 @@ import bench  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default="/dev/shm/bench-model")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--layers", type=int, default=None)
+    parser = bench.script_parser(workdir="/dev/shm/bench-model")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()

@@ -9,7 +9,6 @@ and by GPU time. Writes profile_train_<gpu>.json.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -23,10 +22,7 @@ import bench  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default="/dev/shm/bench-model")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--layers", type=int, default=None)
+    parser = bench.script_parser(workdir="/dev/shm/bench-model")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: bench.py's 2-layer hidden-64 shape")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default="card,card+compile-checkpointing")
