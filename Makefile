@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The offline demo: a tiny Llama built locally, GSM8K-style problems from reasoning-gym. The model
 # path is absolute so that queued experiments (run in temporary clones) find it too.
 DEMO_MODEL := models/tiny-llama
-DEMO_PARAMS := -S model.name=$(CURDIR)/$(DEMO_MODEL) -S data.source=gsm_symbolic -S data.size=300 \
+DEMO_PARAMS := -S model.name=$(CURDIR)/$(DEMO_MODEL) -S data.source=gsm_symbolic -S data.num_problems=300 \
 	-S data.dev_size=20 -S train.max_length=384 -S train.logging_steps=2 -S train.eval_steps=10 \
 	-S train.save_steps=10 -S evaluate.max_new_tokens=48 -S evaluate.batch_size=32
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,8 +44,13 @@ class DataParams:
     source: str = "openai/gsm8k"
     # Hub config name ("main" for openai/gsm8k); ignored for local JSONL and gsm_symbolic.
     config: Optional[str] = "main"
+    # Hub dataset revision (a commit sha, tag or branch) passed to load_dataset; null = the default
+    # branch as it is today. Pin a sha for a number that can be reproduced next year.
+    revision: Optional[str] = None
     # gsm_symbolic only: how many problems to generate (split into train/test by test_fraction).
-    size: int = 1000
+    # Not called "size": DVC's run-cache key leaves out every param named size or nfiles (dvc issue
+    # 10296), so a change of it would restore the old data from the run-cache.
+    num_problems: int = 1000
     test_fraction: float = 0.2
     # Rows carved from the train split (never from test) for validation loss.
     dev_size: int = 200
@@ -54,9 +60,10 @@ class DataParams:
 
     def __post_init__(self):
         _check(bool(self.source.strip()), "source", "must not be empty")
-        _check(self.size > 0, "size", f"must be > 0, got {self.size}")
+        _check(self.num_problems > 0, "num_problems", f"must be > 0, got {self.num_problems}")
         _check(0 < self.test_fraction < 1, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
-        _check(self.dev_size >= 0, "dev_size", f"must be >= 0, got {self.dev_size}")
+        # Training reports dev loss (and checkpoints are chosen by nothing else): a dev split is needed.
+        _check(self.dev_size >= 1, "dev_size", f"must be >= 1, got {self.dev_size}")
         _check(self.limit is None or self.limit > 0, "limit", f"must be > 0 or null, got {self.limit}")
 
 
@@ -64,6 +71,9 @@ class DataParams:
 class ModelParams:
     # Hub id or local directory of any causal LM.
     name: str = "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    # Hub revision (commit sha, tag or branch) passed to from_pretrained; null = the default branch.
+    # The `fingerprint` stage records the commit it resolves to, so a moved branch re-runs training.
+    revision: Optional[str] = None
     load_in_4bit: bool = True
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
@@ -90,6 +100,9 @@ class PromptParams:
     template: str = DEFAULT_TEMPLATE
     # true: wrap prompt/completion in the tokenizer's chat template (instruct models).
     chat: bool = False
+    # Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3 (whose template
+    # otherwise defaults to thinking mode). Used in training and evaluation alike.
+    chat_template_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _check("{question}" in self.template, "template", "must contain {question}")
@@ -120,8 +133,8 @@ class TrainParams:
     num_train_epochs: float = 1.0
     # > 0 overrides num_train_epochs.
     max_steps: int = -1
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 8
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
     # Prompt + completion tokens; longer rows are truncated (the count is printed).
@@ -136,9 +149,9 @@ class TrainParams:
     save_steps: int = 100
     # Concatenate the micro-batch's rows into one row (no pad tokens; attention kept per row via
     # position_ids). Same loss as padding, less work: see README "Speed".
-    padding_free: bool = False
+    padding_free: bool = True
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); CUDA only.
-    use_liger_kernel: bool = False
+    use_liger_kernel: bool = True
     # torch.compile each decoder layer in place (regional compilation: one compilation serves every
     # layer). Fewer, fused kernels: what pays at batch 1, where the GPU waits for kernel launches.
     torch_compile: bool = False
@@ -200,7 +213,7 @@ class EvaluateParams:
     # Which prepared split to score: test (the published number) or dev.
     split: str = "test"
     max_new_tokens: int = 512
-    batch_size: int = 64
+    batch_size: int = 128
     # Optional cap on the number of questions, for quick runs.
     limit: Optional[int] = None
     # Generation stops at EOS or at the first of these strings (lm-evaluation-harness's gsm8k set).
@@ -211,7 +224,7 @@ class EvaluateParams:
     # Dequantize the NF4 base to the compute dtype and merge the adapter before generating: the same
     # weights the adapter was trained against, plain bf16 matmuls instead of 4-bit kernels (faster
     # decoding), at twice the weight memory (~16 GB for 8B). The memory preflight checks it fits.
-    dequantize: bool = False
+    dequantize: bool = True
     # static: greedy decoding on a preallocated KV cache, each step replayed as a CUDA graph on GPU
     # (stages/decode.py; several times faster than generate, same tokens). generate: transformers'
     # generate(), needed for sampling (greedy: false).
@@ -254,7 +267,11 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is float:  # YAML writes 1 for 1.0 and 2e-4 as a string unless it has a dot: accept ints
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        # .inf and .nan are YAML floats; no knob of this pipeline means anything with them (an
+        # infinite learning rate trains an all-NaN adapter), so they are refused with the key.
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
@@ -275,7 +292,8 @@ def parse_section(name: str, raw: Any, source: str = "params.yaml"):
             raise UserError(f"{source}: {name}.{key}: unknown key{hint}")
         value = _coerce_float(value, fields[key].type)
         if not _type_ok(value, fields[key].type):
-            raise UserError(f"{source}: {name}.{key}: expected {fields[key].type}, got {value!r} "
+            expected = "a finite number" if fields[key].type in ("float", float) else fields[key].type
+            raise UserError(f"{source}: {name}.{key}: expected {expected}, got {value!r} "
                             f"({type(value).__name__})")
         raw = {**raw, key: value}
     try:

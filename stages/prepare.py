@@ -23,7 +23,7 @@ def load_source(data: DataParams) -> dict[str, list[dict]]:
     if data.source == GSM_SYMBOLIC:
         from stages.gsm_symbolic import generate_rows
 
-        rows = generate_rows(data.size, data.seed)
+        rows = generate_rows(data.num_problems, data.seed)
         rng = random.Random(data.seed)
         rng.shuffle(rows)
         n_test = max(1, round(len(rows) * data.test_fraction))

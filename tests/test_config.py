@@ -75,11 +75,11 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def test_stage_exits_2_with_one_line_before_loading_anything(tmp_path):
-    path = write_params(tmp_path, data={"source": "gsm_symbolic", "sizee": 10})
+    path = write_params(tmp_path, data={"source": "gsm_symbolic", "num_problem": 10})
     out = tmp_path / "train.jsonl"
     proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(path), "--train", str(out),
                            "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "test.jsonl")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {path}: data.sizee: unknown key (did you mean 'data.size'?)"
+    assert proc.stderr.strip() == f"error: {path}: data.num_problem: unknown key (did you mean 'data.num_problems'?)"
     assert not out.exists()

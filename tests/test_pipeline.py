@@ -31,7 +31,7 @@ def project(tiny_model_dir, tmp_path_factory):
             shutil.copy2(REPO / name, root / name)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"]["name"] = str(tiny_model_dir)
-    params["data"].update(source="gsm_symbolic", size=60, dev_size=4)
+    params["data"].update(source="gsm_symbolic", num_problems=60, dev_size=4)
     params["train"].update(max_steps=3, max_length=384, logging_steps=1, eval_steps=2, save_steps=2)
     params["evaluate"].update(max_new_tokens=16, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

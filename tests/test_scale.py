@@ -140,7 +140,7 @@ def small_project(project):
     root, env = project
     env = {**env, **CPU_ENV}
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"].update(size=40)
+    params["data"].update(num_problems=40)
     params["train"].update(max_steps=2, eval_steps=100, save_steps=100)
     params["evaluate"].update(max_new_tokens=8, batch_size=4, limit=4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
