@@ -67,12 +67,23 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file; a malformed line is a UserError naming file:line."""
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number in the file, row) for each non-blank line, so that messages about a row name
+    the line an editor shows, blank lines included; bad JSON or bytes are a UserError at file:line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found (run the stage that writes it, e.g. `dvc repro`)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -81,5 +92,5 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stages.config import DataParams, load_params
 from stages.gsm8k import gold_answer
-from stages.io import UserError, cli, read_jsonl, write_jsonl
+from stages.io import UserError, cli, read_jsonl_numbered, write_jsonl
 
 GSM_SYMBOLIC = "gsm_symbolic"
 
@@ -44,7 +44,7 @@ def _load_jsonl_dir(path: Path) -> dict[str, list[dict]]:
         if len(files) > 1:
             raise UserError(f"{path}: several files for split '{name}': {', '.join(f.name for f in files)}")
         if files:
-            splits[name] = [dict(row, _where=f"{files[0]}:{i}") for i, row in enumerate(read_jsonl(files[0]), 1)]
+            splits[name] = [dict(row, _where=f"{files[0]}:{line}") for line, row in read_jsonl_numbered(files[0])]
     for name in ("train", "test"):
         if name not in splits:
             raise UserError(f"{path}: no {name}.jsonl (expected train.jsonl and test.jsonl, dev.jsonl optional)")
@@ -55,11 +55,12 @@ def _load_with_datasets(data: DataParams) -> dict[str, list[dict]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(data.source, data.config)
+        ds = datasets.load_dataset(data.source, data.config, revision=data.revision)
     except (ConnectionError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"params.yaml: data.source: cannot load '{data.source}' (config {data.config!r}): {first}. "
+            f"params.yaml: data.source: cannot load '{data.source}' (config {data.config!r}, "
+            f"revision {data.revision or 'default branch'}): {first}. "
             "Offline? Point data.source at a local copy (a directory in the hub's layout or with "
             "train.jsonl/test.jsonl), set HF_DATASETS_OFFLINE=1 with a cached copy, or use gsm_symbolic."
         ) from None

@@ -1,5 +1,6 @@
 """End to end, with the real `dvc` commands on a copy of this repository: `dvc repro`, then
-`dvc exp run -S train.lora_r=16`, then `dvc metrics diff`, then `dvc repro` has nothing to do."""
+`dvc exp run -S train.lora_r=16`, then `dvc metrics diff`, then `dvc repro` has nothing to do; a
+model rebuilt at the same path re-runs what used it."""
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.committed import REPO, committed_text
 
 
 def run(args, cwd, env):
@@ -29,8 +30,10 @@ def project(tiny_model_dir, tmp_path_factory):
         if (REPO / name).is_file() and not name.startswith(("tests/", "benchmarks/")):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"]["name"] = str(tiny_model_dir)
+    params = yaml.safe_load(committed_text("params.yaml"))
+    # A copy of the tiny model: one test rebuilds it with other weights at the same path.
+    shutil.copytree(tiny_model_dir, root / "models" / "tiny")
+    params["model"]["name"] = str(root / "models" / "tiny")
     params["data"].update(source="gsm_symbolic", num_problems=60, dev_size=4)
     params["train"].update(max_steps=3, max_length=384, logging_steps=1, eval_steps=2, save_steps=2)
     params["evaluate"].update(max_new_tokens=16, batch_size=16)
@@ -47,7 +50,7 @@ def project(tiny_model_dir, tmp_path_factory):
 def test_repro_experiment_diff_and_nothing_left_to_do(project):
     root, env = project
     out = run(["dvc", "repro"], root, env)
-    for stage in ("prepare", "train", "evaluate", "evaluate_base"):
+    for stage in ("fingerprint", "prepare", "train", "evaluate", "evaluate_base"):
         assert f"Running stage '{stage}'" in out
     evaluation = json.loads((root / "metrics/eval.json").read_text())
     assert evaluation["n"] == 12 and 0 <= evaluation["exact_match"] <= 1
@@ -75,7 +78,23 @@ def test_repro_experiment_diff_and_nothing_left_to_do(project):
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], root, env))
     assert len(json.dumps(shown)) > 0 and "lora_r" in json.dumps(shown)
-    assert "up to date" in run(["dvc", "repro"], root, env)
+    # The fingerprint stage always runs (it looks at what model.name points to); nothing else does.
+    out = run(["dvc", "repro"], root, env)
+    assert "Running stage" not in out.replace("Running stage 'fingerprint'", ""), out
     plots = json.loads(run(["dvc", "plots", "show", "--json"], root, env))
     points = plots["data"]["Loss"][0]["content"]["data"]["values"]
     assert {p["step"] for p in points} >= {"1", "2", "3"} or {p["step"] for p in points} >= {1, 2, 3}
+
+
+def test_a_model_rebuilt_at_the_same_path_re_runs_training_and_both_evaluations(project):
+    root, env = project
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "experiment", "--allow-empty"], root, env)
+    run(["dvc", "repro"], root, env)  # whatever the experiment left: in sync before the rebuild
+    from stages.tiny_model import build_tiny_model
+
+    build_tiny_model(root / "models" / "tiny", seed=1)  # other weights, same model.name
+    out = run(["dvc", "repro"], root, env)
+    for stage in ("train", "evaluate", "evaluate_base"):
+        assert f"Running stage '{stage}'" in out, out
+    assert "Running stage 'prepare'" not in out

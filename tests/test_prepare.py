@@ -112,7 +112,7 @@ def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
 
 def test_stage_writes_identical_bytes_for_gsm_symbolic(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("data:\n  source: gsm_symbolic\n  size: 40\n  dev_size: 4\n  seed: 7\n")
+    params.write_text("data:\n  source: gsm_symbolic\n  num_problems: 40\n  dev_size: 4\n  seed: 7\n")
     outputs = []
     for run in ("a", "b"):
         paths = {s: tmp_path / run / f"{s}.jsonl" for s in ("train", "dev", "test")}
@@ -122,3 +122,20 @@ def test_stage_writes_identical_bytes_for_gsm_symbolic(tmp_path):
     assert outputs[0] == outputs[1]
     test_rows = [json.loads(line) for line in outputs[0]["test"].splitlines()]
     assert len(test_rows) == 8 and all(r["answer"].rstrip().endswith(f"#### {r['final']}") for r in test_rows)
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    """A bad row is named by the line an editor shows, also after blank lines."""
+    write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(100, 120)])
+    (tmp_path / "test.jsonl").write_text(json.dumps(row(500)) + "\n\n\n" + json.dumps({"question": "q?", "answer": "42"}) + "\n")
+    with pytest.raises(UserError, match=r"test.jsonl:4: answer has no final '#### N' line"):
+        make_splits(load_source(DataParams(source=str(tmp_path))), DataParams(source=str(tmp_path), dev_size=2))
+
+
+def test_a_non_utf8_byte_is_named_by_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(100, 120)])
+    (tmp_path / "test.jsonl").write_bytes(json.dumps(row(500)).encode() + b"\n" + b'{"question": "caf\xe9"}\n')
+    with pytest.raises(UserError) as info:
+        load_source(DataParams(source=str(tmp_path)))
+    assert str(info.value) == (f"{tmp_path / 'test.jsonl'}:2: not UTF-8 text (byte 0xe9 at column 18); "
+                               "re-save the file as UTF-8")
