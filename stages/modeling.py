@@ -29,22 +29,23 @@ def _load_error(what: str, name: str, exc: Exception) -> UserError:
     )
 
 
-def load_config(name: str):
+def load_config(name: str, revision: str | None = None):
     from transformers import AutoConfig
 
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise UserError(f"params.yaml: model.name: '{name}' is not a directory (for the offline demo run `make demo`)")
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as exc:
         raise _load_error("the model config", name, exc) from None
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, revision: str | None = None):
+    """The tokenizer of a model (hub id at `revision`, or local directory such as a saved adapter)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as exc:
         raise _load_error("the tokenizer", name, exc) from None
     if tokenizer.eos_token_id is None:

@@ -7,6 +7,7 @@ import yaml
 
 from stages.config import SECTIONS, load_params
 from stages.io import UserError
+from tests.committed import committed_text
 
 
 def write_params(tmp_path, **sections):
@@ -15,10 +16,12 @@ def write_params(tmp_path, **sections):
     return path
 
 
-def test_defaults_load_and_match_the_committed_params_file():
-    parsed = load_params("params.yaml", *SECTIONS)
+def test_defaults_load_and_match_the_committed_params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(committed_text("params.yaml"))
+    parsed = load_params(path, *SECTIONS)
     assert {type(p) for p in parsed} == set(SECTIONS.values())
-    train = load_params("params.yaml", "train")
+    train = load_params(path, "train")
     # 8 sequences per optimizer step as one padding-free micro-batch: the card's batch 1 × accumulation 8,
     # trained faster (README "Speed").
     assert (train.lora_r, train.per_device_train_batch_size, train.gradient_accumulation_steps) == (32, 8, 1)

@@ -208,3 +208,21 @@ def test_dvc_repro_re_runs_prepare_for_another_problem_count(tiny_model_dir, tmp
         if count == 60:
             assert "Running stage 'prepare'" in proc.stdout, proc.stdout
     assert lines == [40, 60, 40]
+
+
+def test_a_bad_value_in_any_section_stops_dvc_repro_with_one_line_naming_the_key(dvc_project):
+    """`evaluate.split: validation` once failed inside DVC naming a missing file; the fingerprint
+    stage, first in the pipeline, validates every section before anything else runs."""
+    root = dvc_project
+    params = committed_params()
+    params["evaluate"]["split"] = "validation"
+    try:
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "DVC_NO_ANALYTICS": "1"}
+        proc = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True)
+    finally:
+        (root / "params.yaml").write_text(committed_text("params.yaml"))
+    assert proc.returncode != 0
+    assert "error: params.yaml: evaluate.split: must be test, dev or train, got 'validation'" in proc.stdout + proc.stderr
+    assert "Running stage 'prepare'" not in proc.stdout
