@@ -1011,9 +1011,11 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
     from stages.config import TrainParams
 
     lora = {"r": 32, "alpha": 16, "dropout": args.lora_dropout}
-    # The project's settings (params.yaml's train section) with the benchmark's step count and LoRA.
+    # The project's settings (params.yaml's train section) with the benchmark's step count and LoRA;
+    # Liger off, as each variant says whether it uses it (and compiled ones cannot).
     train_p = TrainParams(lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          lora_target_modules="all-linear", max_steps=args.train_steps, seed=args.seed)
+                          lora_target_modules="all-linear", max_steps=args.train_steps, seed=args.seed,
+                          use_liger_kernel=False)
     rows = make_train_rows(args.train_steps * EFFECTIVE_BATCH, shape["vocab_size"], args.seed, args.length_scale)
     state = {}
 

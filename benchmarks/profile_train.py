@@ -60,7 +60,8 @@ def main() -> None:
 
     for name in args.variants.split(","):
         train_p = dataclasses.replace(TrainParams(lora_r=32, lora_alpha=16, lora_dropout=0.05,
-                                                  lora_target_modules="all-linear", max_steps=steps, seed=42),
+                                                  lora_target_modules="all-linear", max_steps=steps, seed=42,
+                                                  use_liger_kernel=False),
                                       **bench.TRAIN_VARIANTS[name])
         hook = ProfileOneStep()
         with bench.undo_module_patches():
