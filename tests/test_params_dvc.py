@@ -28,6 +28,7 @@ READS = {
     "train": {"model", "prompt", "train"},
     "evaluate": {"model", "prompt", "evaluate"},
     "evaluate_base": {"model", "prompt", "evaluate"},
+    "report": {"evaluate.split"},  # only to name the split's file
 }
 STAGE_MODULES = {"prepare": "stages/prepare.py", "train": "stages/train.py", "evaluate": "stages/evaluate.py"}
 
@@ -103,7 +104,7 @@ def dvc_project(tmp_path_factory):
     for out in ("fingerprints/model.json", "fingerprints/data.json", "data/gsm8k_train.jsonl", "data/gsm8k_dev.jsonl",
                 "data/gsm8k_test.jsonl", "checkpoints/sft_lora/adapter_config.json", "metrics/train.json",
                 "metrics/eval.json", "metrics/eval_base.json", "metrics/predictions.jsonl",
-                "metrics/predictions_base.jsonl", "dvclive/train/metrics.json"):
+                "metrics/predictions_base.jsonl", "metrics/accuracy_by_steps.csv", "dvclive/train/metrics.json"):
         (root / out).parent.mkdir(parents=True, exist_ok=True)
         (root / out).write_text(json.dumps({"placeholder": out}) + "\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
