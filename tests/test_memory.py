@@ -25,6 +25,7 @@ QLORA = ModelParams()  # 4-bit NF4, double quant, bf16 compute
 BF16 = dataclasses.replace(QLORA, load_in_4bit=False)
 # The plain recipe of PERF-NOTES: r=32 all-linear, batch 1 x 320 tokens, checkpointing, paged 8-bit Adam.
 PLAIN = TrainParams(lora_r=32, lora_target_modules="all-linear", per_device_train_batch_size=1,
+                    gradient_accumulation_steps=8, padding_free=False, use_liger_kernel=False,
                     max_length=320, gradient_checkpointing=True, optim="paged_adamw_8bit")
 
 

@@ -29,8 +29,10 @@ LOSS_ATOL = 1e-3
 LORA_B_RTOL = 0.1
 # name: (processes, train params). The per-rank split follows stages.train.per_rank_batch.
 TRAIN_RUNS = {
-    "1 process, 1 x 8": (1, {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}),
-    "2 processes, 1 x 4 each": (2, {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}),
+    "1 process, 1 x 8": (1, {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+                             "padding_free": False}),
+    "2 processes, 1 x 4 each": (2, {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+                                    "padding_free": False}),
     "2 processes, padding-free 4 x 1 each": (2, {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                                                  "padding_free": True}),
 }

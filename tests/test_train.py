@@ -21,8 +21,10 @@ def make_trainer(model_dir, tmp_path, **train_kwargs):
     from stages.modeling import load_tokenizer
 
     model_p, prompt_p = ModelParams(name=str(model_dir)), PromptParams()
+    # The card's recipe unless a test says otherwise (batch 1 × 8, padded, no Liger).
     train_p = TrainParams(**{"max_length": 384, "logging_steps": 1, "eval_steps": 100, "save_steps": 100,
-                             **train_kwargs})
+                             "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+                             "padding_free": False, "use_liger_kernel": False, **train_kwargs})
     tokenizer = load_tokenizer(model_p.name)
     tokenized, _ = tokenize_rows(tokenizer, prompt_p, rows(), train_p.max_length, "rows")
     set_seed(train_p.seed)
