@@ -9,13 +9,20 @@ under compile its sdpa attention repeats the KV heads over the whole cache (`rep
 run eagerly (as here, also while recording) a single-token step attends per KV head (`pack_gqa`).
 
 The model is called through its own forward (any causal LM whose attention calls
-`past_key_values.update(key, value, layer_idx)` and accepts a prepared 4-D mask, as transformers'
-Llama/Mistral/Qwen2 do), so the numbers are the model's: on the tiny test model the tokens equal
-`generate`'s greedy tokens. Only plain greedy argmax is done (no logits processors), which is what
-published GSM8K numbers use. On CPU the same loop runs without graphs.
+`past_key_values.update(key, value, layer_idx)` and whose mask builders pass a prepared 4-D mask
+through, as transformers' Llama/Mistral/Qwen/Gemma/Phi-3 do), so the numbers are the model's: on
+tiny models of those families the tokens equal `generate`'s greedy tokens (tests/test_decode_families.py).
+The engine builds the masks the model would build, one per layer type (`full_attention`, and
+`sliding_attention` for a window of `config.sliding_window`), as additive float masks (0 / dtype
+min): transformers hands a 4-D mask to the attention untouched, and eager attention adds it to the
+scores, so a boolean mask would mask nothing there. A model it cannot vouch for (another attention
+kind, flash_attention_2, a forward that would not take one mask per layer type) is refused before
+anything is generated (`check_engine_supports`). Only plain greedy argmax is done (no logits
+processors), which is what published GSM8K numbers use. On CPU the same loop runs without graphs.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Prompt tokens per prefill forward: bounds the prefill's activations (~0.9 GB for an 8B model)
@@ -86,6 +93,79 @@ def prefill_rows(width: int) -> int:
     return max(1, PREFILL_TOKENS // width)
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"
+# The attention implementations whose use of a 4-D mask is the one checked here (the mask is added
+# to the scores, or given to torch's sdpa as attn_mask). flash_attention_2 takes no 4-D mask.
+CHECKED_ATTENTION = ("sdpa", "eager")
+# A forward that takes {layer type: mask} as it is (transformers 5's Gemma/Qwen/...): only through
+# it can layers of different types get different masks.
+_TAKES_MASK_DICT = re.compile(r"isinstance\(\s*(?:\w+\s*:=\s*)?attention_mask\s*,\s*dict\s*\)")
+# transformers' mask builders, which return a prepared 4-D mask as it is.
+_BUILDS_MASK_WITH_MASKING_UTILS = re.compile(r"\bcreate_(?:causal|sliding_window_causal)_mask\b|\bcreate_masks_for_generate\b")
+
+
+def _unwrap(model):
+    """The transformers model under a peft wrapper, and its decoder (whose forward builds the masks)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm, getattr(lm, "base_model", lm)
+
+
+def _refuse(model, why: str, alternative: str = ""):
+    from stages.io import UserError
+
+    raise UserError(f"params.yaml: evaluate.engine: static cannot decode {type(model).__name__} ({why}); "
+                    f"set evaluate.engine: generate{alternative}")
+
+
+def _forward_source(decoder) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(type(decoder).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def layer_kinds(model) -> list[str]:
+    """Each layer's attention type, as transformers' own mask dispatch (create_masks_for_generate)
+    reads the config, once check_engine_supports has accepted the model."""
+    lm, _ = _unwrap(model)
+    config = lm.config.get_text_config()
+    if getattr(config, "layer_types", None):
+        return list(config.layer_types)
+    return [SLIDING if getattr(config, "sliding_window", None) is not None else FULL] * config.num_hidden_layers
+
+
+def check_engine_supports(model) -> None:
+    """Refuse, with one line naming evaluate.engine, a model whose masks the engine cannot build as
+    `generate` would: it must run before anything is generated, so that no wrong number comes out."""
+    lm, decoder = _unwrap(model)
+    config = lm.config.get_text_config()
+    attention = getattr(lm.config, "_attn_implementation", None) or "eager"
+    if attention == "flash_attention_2":
+        _refuse(model, "it is only checked with sdpa and eager attention, and flash_attention_2 ignores its masks",
+                ", or model.attn_implementation: sdpa")
+    if attention not in CHECKED_ATTENTION:
+        _refuse(model, f"attention implementation {attention!r} is not one it is checked with (sdpa, eager)")
+    if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
+        _refuse(model, "its attention is not causal")
+    if getattr(config, "attention_chunk_size", None) is not None and not getattr(config, "layer_types", None):
+        _refuse(model, "chunked attention is not one of the attention kinds it builds masks for")
+    kinds = layer_kinds(model)
+    unknown = sorted(set(kinds) - {FULL, SLIDING})
+    if unknown:
+        _refuse(model, f"layer type {unknown[0]!r} is not one it builds masks for ({FULL}, {SLIDING})")
+    if SLIDING in kinds and not (isinstance(getattr(config, "sliding_window", None), int) and config.sliding_window > 0):
+        _refuse(model, f"{SLIDING} layers without a positive config.sliding_window")
+    source = _forward_source(decoder)
+    if not _BUILDS_MASK_WITH_MASKING_UTILS.search(source):
+        _refuse(model, f"{type(decoder).__name__}.forward does not build its mask with transformers' masking_utils, "
+                "so a prepared mask may not reach the attention as it is")
+    if len(set(kinds)) > 1 and not _TAKES_MASK_DICT.search(source):
+        _refuse(model, f"its layers mix {' and '.join(sorted(set(kinds)))}, but {type(decoder).__name__}.forward "
+                "takes no mask per layer type")
+
+
 def real_keys(lengths, width: int, device):
     """[rows, width] bool: which slots of a left-padded batch hold prompt tokens."""
     import torch
@@ -94,15 +174,35 @@ def real_keys(lengths, width: int, device):
     return torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]
 
 
-def prefill_mask(lengths, width: int, device):
-    """[rows, 1, width, width] bool: causal, real prompt keys only. A padding query sees itself, so
-    no softmax row is empty (its output is never used)."""
+def additive(allowed, dtype):
+    """0 where attention is allowed, dtype's min elsewhere: what transformers' own eager masks hold.
+    Added to the scores (eager) or given to sdpa as attn_mask, it masks the same under both; min
+    rather than -inf keeps a row with nothing allowed finite."""
+    import torch
+
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def prefill_mask(lengths, width: int, device, dtype=None, window: int | None = None):
+    """[rows, 1, width, width]: causal, real prompt keys only, and with `window` only keys less than
+    `window` slots back (transformers' sliding window: kv > q - window). A padding query sees
+    itself, so no softmax row is empty (its output is never used). Boolean without `dtype`, else
+    additive (see `additive`)."""
     import torch
 
     pos = torch.arange(width, device=device)
-    causal = pos[:, None] >= pos[None, :]                                      # [width, width]
-    mask = causal[None] & real_keys(lengths, width, device)[:, None, :]
-    return (mask | torch.eye(width, dtype=torch.bool, device=device)[None])[:, None]
+    allowed = pos[:, None] >= pos[None, :]                                     # [width, width]
+    if window is not None:
+        allowed &= pos[None, :] > pos[:, None] - window
+    mask = allowed[None] & real_keys(lengths, width, device)[:, None, :]
+    mask = (mask | torch.eye(width, dtype=torch.bool, device=device)[None])[:, None]
+    return mask if dtype is None else additive(mask, dtype)
+
+
+def _as_model_mask(masks: dict, kinds: list[str]):
+    """The attention_mask argument: one tensor when every layer has the same type (any forward built
+    on masking_utils passes it through), else {layer type: mask}."""
+    return masks[kinds[0]] if len(set(kinds)) == 1 else masks
 
 
 def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, list], finished, use_graph: bool):
@@ -113,6 +213,11 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
     """
     import torch
 
+    check_engine_supports(model)
+    kinds = layer_kinds(model)
+    window = _unwrap(model)[0].config.get_text_config().sliding_window if SLIDING in kinds else None
+    # The dtype the attention scores have: a float mask of any other dtype is refused by sdpa.
+    dtype = model.get_input_embeddings().weight.dtype
     device = batch.input_ids.device
     rows, width = batch.input_ids.shape
     slots = width + new_tokens - 1
@@ -126,11 +231,13 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
     for start in range(0, rows, chunk):
         part = slice(start, min(start + chunk, rows))
         cache.prefill_rows = part
-        logits = model(input_ids=batch.input_ids[part], attention_mask=prefill_mask(batch.lengths[part], width, device),
+        masks = {kind: prefill_mask(batch.lengths[part], width, device, dtype, window if kind == SLIDING else None)
+                 for kind in set(kinds)}
+        logits = model(input_ids=batch.input_ids[part], attention_mask=_as_model_mask(masks, kinds),
                        position_ids=positions_all[part], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         out[part, 0] = logits[:, -1].argmax(-1)
     cache.prefill_rows = None
-    del logits
+    del logits, masks
     if new_tokens == 1:
         return out
 
@@ -138,13 +245,25 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
     tokens = out[:, :1].clone()
     positions = lengths[:, None].clone()          # the next token's RoPE position, per row
     cache.position.fill_(width)                   # the next token's slot, shared by all rows
-    mask = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device)
-    mask[:, 0, 0, :width] = real_keys(batch.lengths, width, device)
+    # The full mask: the real prompt keys, then each slot as a step writes it. The sliding mask is
+    # the full one with the slots `window` or more behind the written slot masked too, rewritten
+    # from it every step (in place: a slot leaves the window as the written slot moves on).
+    lowest = torch.finfo(dtype).min
+    full = torch.full((rows, 1, 1, slots), lowest, dtype=dtype, device=device)
+    full[:, 0, 0, :width] = additive(real_keys(batch.lengths, width, device), dtype)
+    masks = {FULL: full}
+    if window is not None:
+        masks[SLIDING] = torch.empty_like(full)
+        slot_ids = torch.arange(slots, device=device)
+        masked = torch.tensor(lowest, dtype=dtype, device=device)
+    step_mask = _as_model_mask({kind: masks[kind] for kind in set(kinds)}, kinds)
     column = torch.ones(1, dtype=torch.long, device=device)  # where the step's token goes in `out`
 
     def step():
-        mask.index_fill_(3, cache.position, True)
-        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        full.index_fill_(3, cache.position, 0.0)
+        if window is not None:
+            torch.where(slot_ids > cache.position - window, full, masked, out=masks[SLIDING])
+        logits = model(input_ids=tokens, attention_mask=step_mask, position_ids=positions, past_key_values=cache,
                        use_cache=True).logits
         tokens.copy_(logits[:, -1:].argmax(-1))
         out.index_copy_(1, column, tokens)

@@ -9,7 +9,9 @@ and gathered back in order; the metrics are the same as on one GPU.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 from stages.config import EvaluateParams, ModelParams, PromptParams, load_params
 from stages.io import UserError, cli, read_jsonl, write_json, write_jsonl
@@ -44,8 +46,15 @@ def make_batches(encoded: list[list[int]], batch_size: int, pad_id: int, device)
 
 
 def load_for_generation(model_p: ModelParams, adapter: str | None, dequantize: bool = False):
-    """Base model (+ LoRA adapter). With `dequantize`, the NF4 weights become compute-dtype tensors
-    holding exactly the quantized values and the adapter is merged in: one dense model."""
+    """The model as training computed it: base (+ LoRA adapter, unmerged, in the dtype it was trained in).
+
+    With `dequantize`, the NF4 weights become compute-dtype tensors holding exactly the values the
+    4-bit matmuls multiply with in training (transformers' `dequantize` returns bitsandbytes'
+    `dequantize_4bit`), so dense matmuls replace the 4-bit kernels. The adapter is never merged:
+    W + BA rounded to bf16 loses ~6% of a small update's norm to rounding (~9% of its effect on the
+    logits, tiny model after 28 steps), while unmerged the logits equal the training-time model's
+    (bit for bit on CPU, tests/test_evaluate_model.py).
+    """
     from stages.modeling import compute_dtype, load_model
 
     model = load_model(model_p)
@@ -59,10 +68,40 @@ def load_for_generation(model_p: ModelParams, adapter: str | None, dequantize: b
         except (OSError, ValueError) as exc:
             raise UserError(f"{adapter}: cannot load the LoRA adapter ({str(exc).splitlines()[0]}); "
                             "run the train stage first (`dvc repro train`)") from None
-        if dequantize:
-            model = model.merge_and_unload()
+        restore_adapter_dtypes(model, adapter)
     model.eval()
     return model
+
+
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def restore_adapter_dtypes(model, adapter: str) -> None:
+    """peft upcasts a bf16 adapter to float32 on loading; training computed the LoRA path in the dtype
+    it saved (bf16 on a 4-bit base), and in float32 the logits move by a few percent of the update's
+    effect. Casting back is exact: the float32 values came from the saved ones."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(adapter) / "adapter_model.safetensors"
+    if not path.is_file():  # a .bin adapter: nothing says what it was trained in
+        return
+    with safe_open(str(path), "pt") as f:
+        saved = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    suffix = f".{model.active_adapter}."  # peft saves the keys without the adapter's name
+    for name, param in model.named_parameters():
+        dtype = SAFETENSORS_DTYPES.get(saved.get(name.replace(suffix, "."), ""))
+        if dtype and param.dtype != getattr(torch, dtype):
+            param.data = param.data.to(getattr(torch, dtype))
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and each id of the model's
+    generation_config.eos_token_id (an int or a list: chat models list their end of turn there, Qwen
+    [<|im_end|>, <|endoftext|>], which the tokenizer's single EOS may not be)."""
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *([config_ids] if isinstance(config_ids, int) else config_ids or [])}
+    return sorted(i for i in ids if i is not None)
 
 
 def answer_length(ids: list[int], decode, stop: list[str], end_ids: set) -> tuple[int, bool]:
@@ -97,10 +136,14 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
     generated_tokens = 0
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    end_ids = {tokenizer.eos_token_id, pad_id}
+    eos_ids = end_token_ids(model, tokenizer)
+    end_ids = {*eos_ids, pad_id}
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     batches = make_batches(encoded, eval_p.batch_size, pad_id, device)
     if eval_p.engine == "static" and batches:
+        from stages.decode import check_engine_supports
+
+        check_engine_supports(model)  # before any batch: a model it cannot vouch for gives no numbers
         rows, width = batches[0][1].input_ids.shape  # the first batch is the largest and the longest
         buffers = allocate_cache(model.config, rows, width + eval_p.max_new_tokens - 1, model.dtype, device)
         use_graph = device.type == "cuda"
@@ -142,7 +185,7 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                     top_p=None, top_k=None,
                     stopping_criteria=stopping,
                     pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=eos_ids,
                 )
                 new = out[:, batch.width:]
         for row, i in zip(new.tolist(), indices):
@@ -150,6 +193,30 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
             generated_tokens += n
             texts[i] = cut_at_stop(decode(row[:n]), eval_p.stop)
     return texts, generated_tokens
+
+
+def check_adapter(adapter: str) -> None:
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no LoRA adapter here (adapter_config.json missing); "
+                        "run the train stage first (`dvc repro train`)")
+
+
+def check_writable(path: str, flag: str) -> None:
+    """The outputs are written only once every question is generated (hours for an 8B model): make sure
+    they can be, first. Probes as write_json does (a temporary entry in the file's directory, then a
+    rename), in the nearest existing directory when the file's own is yet to be created; leaves nothing."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, not a file")
+    directory = target.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise UserError(f"{flag} {path}: cannot be created ({directory} is not a directory)")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=directory)).rmdir()
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot be written ({directory}: {exc.strerror or exc})") from None
 
 
 def select_rows(rows: list[dict], eval_p: EvaluateParams, where: str) -> list[dict]:
@@ -178,6 +245,10 @@ def main(argv: list[str] | None = None) -> None:
 
     model_p, prompt_p, eval_p = load_params(args.params, "model", "prompt", "evaluate")
     rows = select_rows(read_jsonl(args.data_file), eval_p, args.data_file)
+    if args.adapter is not None:
+        check_adapter(args.adapter)
+    check_writable(args.metrics, "--metrics")
+    check_writable(args.predictions, "--predictions")
 
     from stages import memory
     from stages.modeling import encode_prompt, load_config, load_tokenizer, render_prompt
@@ -187,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.padding_side = "left"
     longest_prompt = max(len(encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, r["question"]), prompt_p))
                          for r in rows)
+    # merged_bf16 means "the base is in the compute dtype": the adapter stays unmerged beside it, and its
+    # weights (~1% of the dequantized base's: 0.17 GB for the 8B model at r=32) are within the margin.
     memory.preflight_eval(config, model_p, eval_p, longest_prompt, merged_bf16=eval_p.dequantize)
 
     import torch

@@ -19,8 +19,17 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()
 
 
-def _load_error(what: str, name: str, exc: Exception) -> UserError:
+def _load_error(what: str, name: str, exc: Exception, attn_implementation: str | None = None) -> UserError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = first.lower()
+    # transformers refusing the attention kind (Gemma 2 under sdpa, flash-attn not installed) is not
+    # a problem with model.name: name the param that fixes it.
+    if attn_implementation == "sdpa" and ("scaled_dot_product_attention" in text or "sdpa" in text):
+        return UserError(f"params.yaml: model.attn_implementation: sdpa: {first.split('. ')[0].rstrip('.')}; "
+                         "set model.attn_implementation: eager")
+    if attn_implementation == "flash_attention_2" and ("flashattention" in text or "flash_attn" in text):
+        return UserError(f"params.yaml: model.attn_implementation: flash_attention_2: {first.split('. ')[0].rstrip('.')}; "
+                         "set model.attn_implementation: sdpa (or eager)")
     if _looks_local(name):
         return UserError(f"params.yaml: model.name: cannot load {what} from local path '{name}': {first}")
     return UserError(
@@ -117,6 +126,20 @@ def load_model(model: ModelParams, *, dtype=None):
     config = load_config(model.name)
     n_params = estimate_param_count(config.to_dict())
     check_cpu_4bit(model, n_params)
+    import logging
+
+    class EagerRequired(logging.Handler):
+        """Catches transformers warning, while loading, that this model needs eager attention."""
+        said: str | None = None
+
+        def emit(self, record):
+            text = record.getMessage()
+            if "eager" in text and ("sdpa" in text or "scaled_dot_product_attention" in text):
+                self.said = self.said or text.strip().splitlines()[0]
+
+    eager_required = EagerRequired(logging.WARNING)
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(eager_required)
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             model.name,
@@ -125,8 +148,18 @@ def load_model(model: ModelParams, *, dtype=None):
             device_map=device_map(),
             attn_implementation=model.attn_implementation,
         )
-    except (OSError, ValueError) as exc:
-        raise _load_error("the model", model.name, exc) from None
+    except (OSError, ValueError, ImportError) as exc:
+        error = _load_error("the model", model.name, exc, model.attn_implementation)
+        if isinstance(exc, ImportError) and "model.attn_implementation" not in str(error):
+            raise  # a missing package other than the attention's: its own traceback says more
+        raise error from None
+    finally:
+        hf_logger.removeHandler(eager_required)
+    if model.attn_implementation == "sdpa" and eager_required.said:
+        # A model that loads under sdpa but computes something else than it was trained with
+        # (e.g. without its attention soft-capping) would give numbers that are not the model's.
+        raise UserError(f"params.yaml: model.attn_implementation: sdpa: transformers says eager attention is needed "
+                        f"({eager_required.said[:200]}); set model.attn_implementation: eager")
     if not torch.cuda.is_available():
         disable_cpu_bf16_repack(lm)
     return lm
@@ -160,11 +193,48 @@ def render_prompt(tokenizer, prompt: PromptParams, question: str) -> str:
     """The text the model sees before its answer, identical in training and evaluation."""
     text = format_prompt(prompt.template, question)
     if prompt.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("params.yaml: prompt.chat: true, but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = render_chat(tokenizer, prompt, [{"role": "user", "content": text}], add_generation_prompt=True)
     return text
+
+
+def render_chat(tokenizer, prompt: PromptParams, messages: list[dict], add_generation_prompt: bool) -> str:
+    """`messages` through the tokenizer's chat template, with prompt.chat_template_kwargs as template
+    variables: every rendering goes through here, so training and evaluation see the same template
+    (Qwen3's defaults to thinking mode unless told enable_thinking: false)."""
+    import inspect
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("params.yaml: prompt.chat: true, but the tokenizer has no chat template")
+    kwargs = prompt.chat_template_kwargs
+    # A key that names an argument of apply_chat_template would not reach the template (or would
+    # fail with "multiple values"): refuse it rather than silently change how the text is rendered.
+    clash = sorted(set(kwargs) & (set(inspect.signature(tokenizer.apply_chat_template).parameters) - {"kwargs"}))
+    if clash:
+        raise UserError(f"params.yaml: prompt.chat_template_kwargs: {clash[0]!r} is an argument of "
+                        "apply_chat_template, not a chat template variable")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
+
+
+def chat_completion(tokenizer, prompt: PromptParams, question: str, answer: str, prompt_text: str) -> str:
+    """What the chat template writes after the generation prompt `prompt_text` when the answer is the
+    assistant's turn: the answer as the template spaces it and the template's own end of turn
+    (Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`, and whatever follows it), which is what a chat model
+    emits to stop. Training on the template's completion rather than on " " + answer + EOS means
+    the model learns the turn that evaluation's generation prompt asks it to continue."""
+    user = {"role": "user", "content": format_prompt(prompt.template, question)}
+    full = render_chat(tokenizer, prompt, [user, {"role": "assistant", "content": answer.strip()}],
+                       add_generation_prompt=False)
+    completion = full[len(prompt_text):]
+    if not full.startswith(prompt_text) or answer.strip() not in completion:
+        # E.g. a template whose generation prompt opens a <think> block its assistant turns never
+        # show, or one that rewrites the assistant's content: the rendered answer would not be what
+        # the model is asked to produce after the prompt.
+        why = "the generation prompt is not a prefix of prompt + answer" if not full.startswith(prompt_text) \
+            else "the answer is not in what follows the generation prompt"
+        raise UserError(f"params.yaml: prompt.chat: the chat template of '{tokenizer.name_or_path}' cannot be used "
+                        f"for prompt/completion training ({why}); set prompt.chat: false or use another model")
+    return completion
 
 
 def encode_prompt(tokenizer, text: str, prompt: PromptParams) -> list[int]:
@@ -173,14 +243,23 @@ def encode_prompt(tokenizer, text: str, prompt: PromptParams) -> list[int]:
 
 
 def tokenize_example(tokenizer, prompt: PromptParams, question: str, answer: str, max_length: int) -> dict:
-    """input_ids = prompt + " " + answer + EOS, completion_mask marking the answer and EOS.
+    """input_ids = prompt + completion, completion_mask marking the completion.
 
-    Prompt and answer are tokenized separately, exactly as at generation time (the model sees the
-    prompt's tokens and produces the answer's), and EOS is appended so the model learns to stop.
-    Rows longer than max_length are cut at the end (`truncated` says so).
+    Plain prompts: the completion is " " + answer + EOS, EOS appended so the model learns to stop.
+    Chat prompts (prompt.chat): the completion is the chat template's own rendering of the answer as
+    the assistant's turn, up to and including its end-of-turn text (`chat_completion`): no space the
+    template would not write, and the end of turn the chat model stops on instead of the base EOS.
+    Prompt and completion are tokenized separately, exactly as at generation time (the model sees the
+    prompt's tokens and produces the completion's). Rows longer than max_length are cut at the end
+    (`truncated` says so).
     """
-    prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, prompt, question), prompt)
-    answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_text = render_prompt(tokenizer, prompt, question)
+    prompt_ids = encode_prompt(tokenizer, prompt_text, prompt)
+    if prompt.chat:
+        completion = chat_completion(tokenizer, prompt, question, answer, prompt_text)
+        answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    else:
+        answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_length]
     mask = ([0] * len(prompt_ids) + [1] * len(answer_ids))[:max_length]
     return {"input_ids": ids, "completion_mask": mask, "truncated": len(prompt_ids) + len(answer_ids) > max_length}

@@ -81,16 +81,27 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write tokenizer and model to `out_dir` (replacing it), atomically; return the path."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (all bytes + specials), "
-                        f"got {vocab_size}")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Every family gets the same small shape; what differs is each family's own attention layout
+# (sliding windows, layer types, soft-capping, fused projections), which is what the tests exercise.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
 
-    tokenizer = build_tokenizer(vocab_size)
-    config = LlamaConfig(
+
+def tiny_config(family: str, tokenizer, **overrides):
+    """A tiny config of `family` (a FAMILIES key) for `tokenizer`; `overrides` are config fields
+    (e.g. num_hidden_layers=4, sliding_window=8, layer_types=[...])."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family {family!r}; one of {', '.join(FAMILIES)}")
+    fields = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -103,8 +114,31 @@ def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) 
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    if family != "llama":
+        # Gemma and Qwen3 default to head_dim 256/128 whatever the hidden size: keep it 64 / 4 heads.
+        fields["head_dim"] = 16
+    fields.update(overrides)
+    return getattr(transformers, FAMILIES[family][0])(**fields)
+
+
+def tiny_model(family: str, tokenizer, seed: int = 0, **overrides):
+    """A randomly initialised model of `family` in memory (see tiny_config)."""
+    import torch
+    import transformers
+
+    config = tiny_config(family, tokenizer, **overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return getattr(transformers, FAMILIES[family][1])(config)
+
+
+def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, family: str = "llama",
+                     **overrides) -> Path:
+    """Write tokenizer and model to `out_dir` (replacing it), atomically; return the path."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (all bytes + specials), "
+                        f"got {vocab_size}")
+    tokenizer = build_tokenizer(vocab_size)
+    model = tiny_model(family, tokenizer, seed=seed, **overrides)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -72,6 +72,23 @@ def test_static_engine_matches_generate_token_for_token(model_and_tokenizer, bat
     assert len({tuple(row) for row in static}) > 1, "identical rows would not show a mix-up between rows"
 
 
+@pytest.fixture(scope="module")
+def eager_model(tiny_model_dir):
+    # Eager attention adds the mask to the scores: a boolean mask there adds 0/1 and masks nothing.
+    return load_for_generation(ModelParams(name=str(tiny_model_dir), load_in_4bit=False,
+                                           bnb_4bit_compute_dtype="float32", attn_implementation="eager"), adapter=None)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_static_engine_matches_generate_under_eager_attention(eager_model, model_and_tokenizer, batch_size):
+    _, tokenizer = model_and_tokenizer
+    assert eager_model.config._attn_implementation == "eager"
+    eval_p = EvaluateParams(max_new_tokens=12, batch_size=batch_size, stop=[])
+    static = token_ids(eager_model, tokenizer, eval_p, QUESTIONS)
+    assert static == token_ids(eager_model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
+    assert len({tuple(row) for row in static}) > 1
+
+
 def test_stage_generate_agrees_across_engines(model_and_tokenizer):
     """Through stages.evaluate.generate (stop strings, EOS, early stop, text cut): same texts and
     the same token count from both engines."""
