@@ -6,13 +6,23 @@ QLoRA SFT with TRL: NF4 base (bitsandbytes), LoRA (peft), loss on the answer + E
 Checkpoints go to --resume-dir every train.save_steps; an interrupted run picks up from the newest
 complete one when started again with the same params and data (see `find_resume_checkpoint`).
 Under `accelerate launch` each GPU runs one rank; the effective batch stays the params' value.
+
+What it refuses to do: start a second trainer on a --resume-dir another one is using (`resume_dir_lock`),
+load the model before the params and output locations are checked (`check_output_locations`,
+`check_target_modules`), and save or report anything from a run whose loss or gradients went
+non-finite (`stop_on_non_finite`) or whose checkpoint could not be written (`name_save_errors`).
+After a resume, metrics/train.json and the curves describe the whole run, not the last process
+(`RunClock`, `whole_run_loss_mean`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import time
@@ -24,6 +34,11 @@ from stages.io import UserError, atomic_path, cli, read_jsonl, write_json
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 FINGERPRINT_FILE = "fingerprint.json"
+# Written into each checkpoint before its marker: what the Trainer's own checkpoint does not keep
+# (the training seconds so far, TRL's token counter), so a resumed run reports the whole run.
+PROGRESS_FILE = "progress.json"
+# Inside --resume-dir (which .gitignore covers), kept when the directory is emptied for other params.
+LOCK_FILE = "train.lock"
 
 
 def per_rank_batch(world_size: int, per_device_batch: int, accumulation: int) -> tuple[int, int]:
@@ -138,34 +153,356 @@ def fingerprint(model: ModelParams, prompt: PromptParams, train: TrainParams, fi
 
 def find_resume_checkpoint(resume_dir: str | Path, expected_fingerprint: str) -> Path | None:
     """Newest checkpoint in resume_dir that finished saving (has the marker written after the save)
-    and belongs to this exact configuration; checkpoints of another configuration are deleted."""
+    and belongs to this exact configuration; checkpoints of another configuration are deleted.
+    The lock file of the run calling this stays: deleting it would let a second run lock a new one."""
     resume_dir = Path(resume_dir)
     fp_file = resume_dir / FINGERPRINT_FILE
     if resume_dir.exists():
         stored = json.loads(fp_file.read_text()).get("fingerprint") if fp_file.is_file() else None
         if stored != expected_fingerprint:
-            shutil.rmtree(resume_dir)
+            for child in resume_dir.iterdir():
+                if child.name == LOCK_FILE:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
     resume_dir.mkdir(parents=True, exist_ok=True)
     write_json(fp_file, {"fingerprint": expected_fingerprint})
     complete = [p for p in resume_dir.glob("checkpoint-*")
-                if (p / COMPLETE_MARKER).is_file() and p.name.split("-")[-1].isdigit()]
+                if (p / COMPLETE_MARKER).is_file() and (p / PROGRESS_FILE).is_file()
+                and p.name.split("-")[-1].isdigit()]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def make_callbacks(live_dir: str | None, resuming: bool):
+def mark_checkpoint_complete(ckpt: Path, progress: dict) -> None:
+    """The progress file, then the marker: a checkpoint with the marker has everything a resume reads.
+    (A checkpoint written before progress files existed has no progress file and is not resumed:
+    its run's time and token count are unknown, so the metrics could not describe the whole run.)"""
+    write_json(ckpt / PROGRESS_FILE, progress)
+    (ckpt / COMPLETE_MARKER).write_text(str(progress.get("step", "")))
+
+
+def read_progress(ckpt: Path | None) -> dict:
+    if ckpt is None:
+        return {"train_seconds": 0.0, "num_tokens": 0, "step": 0}
+    return json.loads((ckpt / PROGRESS_FILE).read_text())
+
+
+@contextlib.contextmanager
+def resume_dir_lock(resume_dir: str | Path):
+    """Hold an exclusive flock on --resume-dir for the whole run: a second trainer started on it (a
+    `dvc repro` after only `dvc` was killed) would otherwise train, checkpoint and rotate checkpoints
+    next to the first. The kernel drops a flock when its process dies, even by SIGKILL, so a killed
+    run leaves at most a stale file that the next run simply locks again."""
+    import fcntl
+
+    resume_dir = Path(resume_dir)
+    path = resume_dir / LOCK_FILE
+    while True:
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the directory was removed by a run that just finished: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            stop = f"; wait for it to finish or stop it (kill {holder})" if holder.isdigit() else ""
+            raise UserError(f"--resume-dir {resume_dir}: another training run (PID {holder}) is using it{stop}, "
+                            "then run again") from None
+        except OSError as exc:  # a filesystem without flock (some network mounts): train, but say so
+            os.close(fd)
+            print(f"train: warning: cannot lock {path} ({exc.strerror}); nothing stops a second run on it")
+            yield None
+            return
+        # The previous holder may have deleted the file between our open and our flock: then this lock
+        # is on a file nobody else can find. Only a lock on the file now at `path` counts.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):  # only when empty: a failed check leaves no directory behind
+            resume_dir.rmdir()
+        os.close(fd)
+
+
+def why_unwritable(path: str | Path, must_be_dir: bool, written_into: bool) -> str | None:
+    """Why the stage could not create `path` (or, with written_into, files inside it), or None.
+    Outputs replaced atomically (atomic_path) are written through a sibling: their parent counts."""
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path):
+        if path.is_dir() != must_be_dir:
+            return f"{path} is {'not ' if must_be_dir else ''}a directory"
+        probe = path if written_into else path.parent
+    else:
+        probe = path.parent
+        while not os.path.lexists(probe):
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def check_output_locations(locations: list[tuple[str, str | None, bool, bool]]) -> None:
+    """(flag, path, must_be_dir, written_into) for each output: one line naming the first that cannot be
+    written, before anything is loaded (otherwise it shows after the whole training, as a traceback)."""
+    for flag, path, must_be_dir, written_into in locations:
+        if path is None:
+            continue
+        reason = why_unwritable(path, must_be_dir, written_into)
+        if reason:
+            raise UserError(f"{flag} {path}: cannot write there: {reason}")
+
+
+def model_module_names(config) -> tuple[list[str], list[str]]:
+    """(every module name, the distinct names of its linear layers) of the model `config` describes,
+    from an instance on the meta device: no weights are read or allocated, even for 8B."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    return names, linear
+
+
+def check_target_modules(targets, module_names: list[str], linear_names: list[str]) -> None:
+    """Every name in train.lora_target_modules must match a module the way peft matches it (the full
+    name, or its last dotted parts). peft itself only fails when none matches, after the model loaded,
+    and silently skips a misspelt name in a list of otherwise valid ones."""
+    if targets == "all-linear":
+        return
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+    if unknown:
+        raise UserError(f"params.yaml: train.lora_target_modules: no module of the model is named "
+                        f"{', '.join(unknown)}; its linear layers are {', '.join(linear_names)} (or use all-linear)")
+
+
+def non_finite_message(what: str, value: float, step: int, learning_rate: float, max_grad_norm: float) -> str:
+    clip = "" if max_grad_norm > 0 else ", or set train.max_grad_norm > 0 to clip gradients"
+    return (f"train: training diverged: the {what} is {value} at step {step}, so nothing is saved; "
+            f"lower train.learning_rate (now {learning_rate:g}){clip}")
+
+
+def stop_on_non_finite(trainer, learning_rate: float, max_grad_norm: float) -> None:
+    """Stop at the first non-finite loss or gradient norm, checked at every micro-batch and optimizer step.
+
+    The logs are not enough: the Trainer logs grad_norm only every logging_steps, and it replaces a NaN
+    loss by the mean of the earlier ones (logging_nan_inf_filter), so a run whose weights turned to NaN
+    would log plausible losses and save a NaN adapter. training_step returns each micro-batch's raw loss
+    (the Trainer reads it back for that very filter, so .item() costs no extra sync); after the
+    micro-batch that completes an optimizer step, the gradients are complete (and all-reduced under DDP),
+    so their norm is the pre-clipping grad_norm the Trainer would log. The dev loss is checked at every
+    evaluation, and logged values once more on their way to the curves."""
+    import torch
     from transformers import TrainerCallback
 
-    class MarkCheckpointComplete(TrainerCallback):
-        """Trainer writes a checkpoint file by file; the marker, written last, makes it resumable."""
+    step = trainer.training_step
+
+    def checked_training_step(model, inputs, num_items_in_batch=None):
+        loss = step(model, inputs, num_items_in_batch)
+        current = trainer.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise UserError(non_finite_message("training loss", value, current, learning_rate, max_grad_norm))
+        if trainer.accelerator.sync_gradients:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                raise UserError(non_finite_message("gradient norm", norm, current, learning_rate, max_grad_norm))
+        return loss
+
+    trainer.training_step = checked_training_step
+
+    class CheckFinite(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = (metrics or {}).get("eval_loss")
+            if value is not None and not math.isfinite(value):
+                raise UserError(non_finite_message("dev loss", value, state.global_step, learning_rate, max_grad_norm))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+                value = (logs or {}).get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(non_finite_message(what, value, state.global_step, learning_rate, max_grad_norm))
+
+    # First, so that a non-finite value stops the run before any other callback writes it anywhere.
+    trainer.callback_handler.callbacks.insert(0, CheckFinite())
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a full disk raises while saving: OSError (ENOSPC) from Python, RuntimeError from torch.save's
+    C++ writer (`[enforce fail at inline_container.cc:...] . unexpected pos`), SafetensorError."""
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    return errors
+
+
+def save_failed_message(where: str | Path, exc: BaseException, then: str) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    return (f"train: cannot write {where} ({first}); the disk {'is' if full else 'may be'} full: "
+            f"free space there and run again ({then})")
+
+
+def is_write_error(exc: BaseException) -> bool:
+    import torch
+
+    # An OOM is a RuntimeError too, and has its own message (main's OutOfMemoryError handler).
+    return isinstance(exc, write_errors()) and not isinstance(exc, torch.OutOfMemoryError)
+
+
+def name_save_errors(trainer) -> None:
+    """A checkpoint that fails to write becomes one line naming it, and is deleted: it never got its
+    marker (written after the save, in on_save), and what was written of it only takes disk."""
+    save = trainer._save_checkpoint
+
+    def guarded_save_checkpoint(model, trial, *args, **kwargs):
+        ckpt = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        try:
+            return save(model, trial, *args, **kwargs)
+        except Exception as exc:
+            if not is_write_error(exc):
+                raise
+            if not (ckpt / COMPLETE_MARKER).exists():
+                shutil.rmtree(ckpt, ignore_errors=True)
+            raise UserError(save_failed_message(
+                ckpt, exc, "training resumes from the last complete checkpoint")) from None
+
+    trainer._save_checkpoint = guarded_save_checkpoint
+
+
+def canonicalize_adapter_config(adapter_dir: Path) -> None:
+    """peft keeps target_modules as a set and writes it in iteration order, which depends on the
+    per-process string hash seed: the same adapter would get a different adapter_config.json, and the
+    directory a different DVC hash, on every run. Sorted, the bytes follow from the params alone."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own format
+
+
+def whole_run_loss_mean(log_history: list[dict]) -> float | None:
+    """Mean training loss over every step of the run, from the Trainer's log history (restored from the
+    checkpoint on resume). Each logged loss is the mean over the steps since the previous log; with a
+    log at every checkpoint and at the last step (`RunProgress.on_step_end`) those windows tile the run."""
+    total, previous = 0.0, 0
+    for entry in sorted((e for e in log_history if "loss" in e), key=lambda e: e["step"]):
+        total += entry["loss"] * (entry["step"] - previous)
+        previous = entry["step"]
+    return total / previous if previous else None
+
+
+def whole_run_logs(logs: dict, seconds: float, steps: int, samples: int, tokens: int,
+                   loss_mean: float | None) -> dict:
+    """The Trainer's speed figures count only this process's part of a resumed run; these count all of it."""
+    out = dict(logs)
+    per_second = {"train_runtime": None, "train_tokens_per_second": tokens, "train_steps_per_second": steps,
+                  "train_samples_per_second": samples}
+    for key, count in per_second.items():
+        if key in out and seconds > 0:
+            out[key] = round(seconds, 4) if count is None else round(count / seconds, 3)
+    if "train_loss" in out and loss_mean is not None:
+        out["train_loss"] = loss_mean
+    return out
+
+
+class RunClock:
+    """Training seconds of the whole run: those stored in the checkpoint it resumed from plus this
+    process's. The time a killed run spent after its last checkpoint is not counted: that work was
+    redone, and the adapter is what the counted steps produced."""
+
+    def __init__(self, prior_seconds: float = 0.0):
+        self.prior, self._start, self._stopped = prior_seconds, None, None
+
+    def start(self) -> None:
+        self._start, self._stopped = time.perf_counter(), None
+
+    def stop(self) -> None:
+        self._stopped = self.seconds()
+
+    def seconds(self) -> float:
+        if self._stopped is not None:
+            return self._stopped
+        return self.prior + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+
+def truncate_live_curves(live_dir: str | Path, step: int) -> None:
+    """Drop the curves' rows after `step`: a run killed after its checkpoint logged steps that the
+    resumed run logs again, and the curves should show the run that made the adapter, once."""
+    for tsv in Path(live_dir, "plots", "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        header = lines[0].rstrip("\n").split("\t") if lines else []
+        if "step" not in header:
+            continue
+        col = header.index("step")
+        kept = [lines[0]] + [line for line in lines[1:] if line.strip() and float(line.split("\t")[col]) <= step]
+        if len(kept) != len(lines):
+            with atomic_path(tsv) as tmp:
+                tmp.write_text("".join(kept))
+
+
+def add_run_callbacks(trainer, progress: dict, live_dir: str | None, resumed_step: int) -> RunClock:
+    """Checkpoint bookkeeping, whole-run accounting and the DVCLive curves, attached to a built trainer
+    (so that Live, which clears its directory on a fresh run, starts only once the model has loaded)."""
+    from transformers import TrainerCallback
+
+    clock = RunClock(progress["train_seconds"])
+
+    class RunProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.start()
+            # TRL counts the logged num_tokens itself, from 0 in every process; the Trainer's
+            # state.num_input_tokens_seen is restored from the checkpoint but counts differently.
+            if resumed_step and progress.get("num_tokens") is not None and hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = progress["num_tokens"]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # A log at every checkpoint and at the last step: the logged windows then tile the run (see
+            # whole_run_loss_mean), and a resumed run logs the same windows as an uninterrupted one.
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
 
         def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+            if not state.is_world_process_zero:
+                return
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not ckpt.is_dir():
+                return
+            try:
+                mark_checkpoint_complete(ckpt, {"step": state.global_step, "train_seconds": clock.seconds(),
+                                                "num_tokens": getattr(trainer, "_total_train_tokens", None)})
+            except OSError as exc:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                raise UserError(save_failed_message(
+                    ckpt, exc, "training resumes from the last complete checkpoint")) from None
 
-    callbacks = [MarkCheckpointComplete()]
-    if live_dir:
+        def on_train_end(self, args, state, control, **kwargs):
+            clock.stop()
+
+    trainer.add_callback(RunProgress())
+    if live_dir and trainer.is_world_process_zero():
         from dvclive import Live
         from transformers.integrations import DVCLiveCallback
 
@@ -176,13 +513,18 @@ def make_callbacks(live_dir: str | None, resuming: bool):
             def on_log(self, args, state, control, model=None, logs=None, **kwargs):
                 if state.is_world_process_zero and self.live is not None:
                     self.live.step = state.global_step
+                samples = (state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+                           * args.world_size)
+                loss_mean = whole_run_loss_mean(state.log_history) if "train_loss" in (logs or {}) else None
+                logs = whole_run_logs(logs or {}, clock.seconds(), state.global_step, samples,
+                                      state.num_input_tokens_seen, loss_mean)
                 super().on_log(args, state, control, model=model, logs=logs, **kwargs)
 
-        is_main = int(os.environ.get("RANK", "0")) == 0
-        if is_main:
-            live = Live(dir=live_dir, resume=resuming, dvcyaml=None, save_dvc_exp=False, report=None)
-            callbacks.append(StepAlignedDVCLive(live=live))
-    return callbacks
+        if resumed_step:
+            truncate_live_curves(live_dir, resumed_step)
+        live = Live(dir=live_dir, resume=bool(resumed_step), dvcyaml=None, save_dvc_exp=False, report=None)
+        trainer.add_callback(StepAlignedDVCLive(live=live))
+    return clock
 
 
 def peak_memory_bytes() -> int | None:
@@ -207,12 +549,28 @@ def main(argv: list[str] | None = None) -> None:
     train_rows, dev_rows = read_jsonl(args.train_file), read_jsonl(args.dev_file)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)  # fail early
+    check_output_locations([
+        ("--metrics", args.metrics, False, False),
+        ("--output-dir", args.output_dir, True, False),
+        ("--live-dir", args.live_dir, True, True),
+        ("--resume-dir", args.resume_dir, True, True),
+    ])
+    # Rank 0 alone holds the lock: the ranks of one run share the directory. When a second launch's
+    # rank 0 stops, the launcher stops its other ranks, which are waiting for rank 0 by then.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with resume_dir_lock(args.resume_dir) if is_main else contextlib.nullcontext():
+        run_training(args, model_p, prompt_p, train_p, train_rows, dev_rows, world_size)
 
+
+def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: TrainParams,
+                 train_rows: list[dict], dev_rows: list[dict], world_size: int) -> None:
     from stages import memory
     from stages.modeling import load_config, load_tokenizer, process_state
 
     config = load_config(model_p.name)
     memory.preflight_train(config.to_dict(), model_p, train_p)
+    if train_p.lora_target_modules != "all-linear":
+        check_target_modules(train_p.lora_target_modules, *model_module_names(config))
 
     import torch
     from datasets import Dataset
@@ -229,9 +587,14 @@ def main(argv: list[str] | None = None) -> None:
         resume_from = find_resume_checkpoint(args.resume_dir, fp)
     if resume_from:
         print(f"train: resuming from {resume_from}")
+    resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    progress = read_progress(resume_from)
 
     trainer = build_trainer(model_p, train_p, tokenizer, Dataset.from_list(train_tok), Dataset.from_list(dev_tok),
-                            args.resume_dir, world_size, make_callbacks(args.live_dir, resuming=resume_from is not None))
+                            args.resume_dir, world_size)
+    stop_on_non_finite(trainer, train_p.learning_rate, train_p.max_grad_norm)
+    name_save_errors(trainer)
+    clock = add_run_callbacks(trainer, progress, args.live_dir, resumed_step)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -246,28 +609,46 @@ def main(argv: list[str] | None = None) -> None:
 
     if not trainer.is_world_process_zero():
         return
-    with atomic_path(args.output_dir) as tmp:
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
     state = trainer.state
-    resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
-    steps_run = state.global_step - resumed_step
+    train_seconds = max(clock.seconds(), 1e-9)  # stopped at the end of training, before the dev pass
     losses = [e["loss"] for e in state.log_history if "loss" in e]
+    loss_mean = whole_run_loss_mean(state.log_history)
     peak = peak_memory_bytes()
     metrics = {
         "train_loss": losses[-1] if losses else result.training_loss,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": loss_mean if loss_mean is not None else result.training_loss,
         "dev_loss": dev_metrics["eval_loss"],
         "steps": state.global_step,
         "effective_batch": train_p.per_device_train_batch_size * train_p.gradient_accumulation_steps,
-        "runtime_s": round(wall, 2),
-        "seconds_per_step": round(result.metrics["train_runtime"] / max(steps_run, 1), 4),
-        "train_tokens_per_second": round(state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
+        # Whole run: the seconds before the checkpoint it resumed from, plus this process's.
+        "runtime_s": round(progress["train_seconds"] + wall, 2),
+        "seconds_per_step": round(train_seconds / max(state.global_step, 1), 4),
+        "train_tokens": state.num_input_tokens_seen,
+        "train_tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1),
         "peak_memory_gib": round(peak / 2**30, 3) if peak is not None else None,
         "resumed_from_step": resumed_step,
         "world_size": world_size,
     }
-    write_json(args.metrics, metrics)
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # the checks during training should have stopped it; never report such a run
+        raise UserError(non_finite_message(bad[0].replace("_", " "), metrics[bad[0]], state.global_step,
+                                           train_p.learning_rate, train_p.max_grad_norm))
+    then = f"the checkpoints in {args.resume_dir} are kept: the next run resumes from the last one"
+    try:
+        with atomic_path(args.output_dir) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            canonicalize_adapter_config(tmp)
+    except Exception as exc:
+        if not is_write_error(exc):
+            raise
+        raise UserError(save_failed_message(args.output_dir, exc, then)) from None
+    try:
+        write_json(args.metrics, metrics)
+    except OSError as exc:
+        # A new adapter next to the old metrics would be reported as the old result.
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        raise UserError(save_failed_message(args.metrics, exc, then)) from None
     # The adapter is saved; the intermediate checkpoints would only take disk.
     shutil.rmtree(args.resume_dir, ignore_errors=True)
     print("train: " + json.dumps(metrics))
