@@ -194,10 +194,14 @@ def test_queued_sweep_runs_in_parallel_workers(small_project, tmp_path):
         assert 0 <= evaluation["exact_match"] <= 1 and evaluation["n"] == 4
 
 
+def only_the_fingerprint_ran(out: str) -> bool:
+    return "Running stage 'fingerprint'" in out and "Running stage" not in out.replace("Running stage 'fingerprint'", "")
+
+
 def test_fresh_clone_pulls_results_from_the_shared_remote_instead_of_rerunning(small_project, tmp_path):
     root, env = small_project
     run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], root, env)
-    assert "up to date" in run(["dvc", "repro"], root, env)
+    assert only_the_fingerprint_ran(run(["dvc", "repro"], root, env))
     run(["git", "commit", "-qam", "shared remote"], root, env)
     run(["dvc", "push"], root, env)
 
@@ -205,9 +209,9 @@ def test_fresh_clone_pulls_results_from_the_shared_remote_instead_of_rerunning(s
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
     assert not (clone / "checkpoints/sft_lora").exists()
     run(["dvc", "pull"], clone, env)
-    assert "up to date" in run(["dvc", "status"], clone, env)
-    out = run(["dvc", "repro"], clone, env)
-    assert "Running stage" not in out and "up to date" in out
+    # The fingerprint stage is always out of date by design (it looks at what model.name points to).
+    assert json.loads(run(["dvc", "status", "--json"], clone, env)) == {"fingerprint": ["always changed"]}
+    assert only_the_fingerprint_ran(run(["dvc", "repro"], clone, env))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (clone / "checkpoints/sft_lora" / name).read_bytes() == (root / "checkpoints/sft_lora" / name).read_bytes()
     assert (clone / "data/gsm8k_train.jsonl").read_bytes() == (root / "data/gsm8k_train.jsonl").read_bytes()
