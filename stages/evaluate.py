@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     from stages import memory
     from stages.modeling import encode_prompt, load_config, load_tokenizer, render_prompt
 
-    config = load_config(model_p.name).to_dict()
-    tokenizer = load_tokenizer(args.adapter or model_p.name)
+    config = load_config(model_p.name, model_p.revision).to_dict()
+    # The adapter directory holds the tokenizer training used; the base's is read at model.revision.
+    tokenizer = load_tokenizer(args.adapter) if args.adapter else load_tokenizer(model_p.name, model_p.revision)
     tokenizer.padding_side = "left"
     longest_prompt = max(len(encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, r["question"]), prompt_p))
                          for r in rows)

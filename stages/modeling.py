@@ -123,7 +123,7 @@ def load_model(model: ModelParams, *, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model.name)
+    config = load_config(model.name, model.revision)
     n_params = estimate_param_count(config.to_dict())
     check_cpu_4bit(model, n_params)
     import logging
@@ -143,6 +143,7 @@ def load_model(model: ModelParams, *, dtype=None):
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             model.name,
+            revision=model.revision,
             quantization_config=quantization_config(model),
             dtype=dtype or compute_dtype(model),
             device_map=device_map(),

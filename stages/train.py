@@ -567,7 +567,7 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
     from stages import memory
     from stages.modeling import load_config, load_tokenizer, process_state
 
-    config = load_config(model_p.name)
+    config = load_config(model_p.name, model_p.revision)
     memory.preflight_train(config.to_dict(), model_p, train_p)
     if train_p.lora_target_modules != "all-linear":
         check_target_modules(train_p.lora_target_modules, *model_module_names(config))
@@ -575,7 +575,7 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
     import torch
     from datasets import Dataset
 
-    tokenizer = load_tokenizer(model_p.name)
+    tokenizer = load_tokenizer(model_p.name, model_p.revision)
     train_tok, n_cut = tokenize_rows(tokenizer, prompt_p, train_rows, train_p.max_length, args.train_file)
     dev_tok, _ = tokenize_rows(tokenizer, prompt_p, dev_rows, train_p.max_length, args.dev_file)
     if n_cut:

@@ -72,3 +72,31 @@ def test_the_stage_writes_identical_files_when_nothing_changed(tiny_model_dir, t
     fp.main(args)
     assert ((tmp_path / "fp/model.json").read_bytes(), (tmp_path / "fp/data.json").read_bytes()) == first
     assert json.loads(first[0])["files"] >= 3
+
+
+def test_the_revisions_reach_the_hub_loaders(monkeypatch):
+    """model.revision and data.revision are what from_pretrained and load_dataset are asked for."""
+    import datasets
+    import transformers
+
+    from stages.config import DataParams, ModelParams
+    from stages.modeling import load_config, load_tokenizer
+    from stages.prepare import load_source
+
+    seen = []
+
+    def record(what):
+        def loader(*args, **kwargs):
+            seen.append((what, args[0], kwargs.get("revision")))
+            raise OSError("stop here")
+        return loader
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record("config"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record("tokenizer"))
+    monkeypatch.setattr(datasets, "load_dataset", record("dataset"))
+    model = ModelParams(name="org/model", revision="v1.2")
+    for call in (lambda: load_config(model.name, model.revision), lambda: load_tokenizer(model.name, model.revision),
+                 lambda: load_source(DataParams(source="org/data", revision="c" * 40))):
+        with pytest.raises(UserError):
+            call()
+    assert seen == [("config", "org/model", "v1.2"), ("tokenizer", "org/model", "v1.2"), ("dataset", "org/data", "c" * 40)]
