@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stages.io import UserError
+from stages.protocols import PROTOCOL_NAMES
 
 DEFAULT_TEMPLATE = (
     "You are a patient math tutor. Solve the problem step by step, then write the final answer "
@@ -212,18 +213,34 @@ class TrainParams:
 class EvaluateParams:
     # Which prepared split to score: test (the published number) or dev.
     split: str = "test"
-    max_new_tokens: int = 512
-    batch_size: int = 128
+    # The recipe the number is measured under (stages/protocols.py): train_prompt (the fine-tuning
+    # prompt, zero-shot: what our adapters learned), lm_eval_gsm8k (lm-evaluation-harness gsm8k,
+    # 5-shot: base models' published numbers) or lm_eval_gsm8k_cot_llama (8-shot chat, "The final
+    # answer is N": instruct models'). evaluate and evaluate_base always share it.
+    protocol: str = "train_prompt"
+    # Token budget; null: the protocol's own (train_prompt 512, lm-eval's 256). An lm-eval
+    # protocol takes another budget only with think_end (a reasoning model's thinking budget).
+    max_new_tokens: Optional[int] = None
+    # Questions decoded together; "auto": the largest batch the memory estimate admits for the
+    # GPU's free memory (stages/memory.py), at most the number of questions, printed before generating.
+    batch_size: int | str = 128
     # Optional cap on the number of questions, for quick runs.
     limit: Optional[int] = None
-    # Generation stops at EOS or at the first of these strings (lm-evaluation-harness's gsm8k set).
-    stop: list = field(default_factory=lambda: ["Question:", "</s>", "<|im_end|>"])
+    # Generation stops at EOS or at the first of these strings; null: the protocol's own
+    # (train_prompt: lm-evaluation-harness gsm8k's set). Fixed for the lm-eval protocols.
+    stop: Optional[list] = None
+    # Reasoning models (DeepSeek-R1-Distill, Qwen3 thinking): the end-of-thinking marker, e.g.
+    # "</think>"; the answer is extracted from what follows its last occurrence (lm-eval's
+    # think_end_token). A completion that never closes its thinking: no_answer (counted in
+    # no_answer_rate) or keep (lm-eval 0.4.13: the whole text is scored).
+    think_end: Optional[str] = None
+    unclosed_thinking: str = "no_answer"
     # Greedy decoding, as published GSM8K numbers use; false samples with temperature.
     greedy: bool = True
     temperature: float = 1.0
-    # Dequantize the NF4 base to the compute dtype and merge the adapter before generating: the same
-    # weights the adapter was trained against, plain bf16 matmuls instead of 4-bit kernels (faster
-    # decoding), at twice the weight memory (~16 GB for 8B). The memory preflight checks it fits.
+    # Dequantize the NF4 base to the compute dtype before generating: the same weights the adapter
+    # was trained against (the adapter stays unmerged), plain bf16 matmuls instead of 4-bit kernels
+    # (faster decoding), at twice the weight memory (~16 GB for 8B). The memory preflight checks it fits.
     dequantize: bool = True
     # static: greedy decoding on a preallocated KV cache, each step replayed as a CUDA graph on GPU
     # (stages/decode.py; several times faster than generate, same tokens). generate: transformers'
@@ -234,15 +251,37 @@ class EvaluateParams:
 
     def __post_init__(self):
         _check(self.split in ("test", "dev", "train"), "split", f"must be test, dev or train, got {self.split!r}")
-        _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
-        _check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        close = difflib.get_close_matches(str(self.protocol), PROTOCOL_NAMES, n=1)
+        _check(self.protocol in PROTOCOL_NAMES, "protocol",
+               f"unknown protocol {self.protocol!r} (" + (f"did you mean '{close[0]}'?" if close else
+                                                        f"known: {', '.join(PROTOCOL_NAMES)}") + ")")
+        _check(self.max_new_tokens is None or self.max_new_tokens > 0, "max_new_tokens",
+               f"must be > 0 or null, got {self.max_new_tokens}")
+        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0), "batch_size",
+               f"must be > 0 or auto, got {self.batch_size!r}")
         _check(self.limit is None or self.limit > 0, "limit", f"must be > 0 or null, got {self.limit}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a list of non-empty strings")
+        _check(self.stop is None or all(isinstance(s, str) and s for s in self.stop), "stop",
+               "must be a list of non-empty strings or null")
+        _check(self.think_end is None or (isinstance(self.think_end, str) and self.think_end.strip() != ""),
+               "think_end", "must be a non-empty marker such as '</think>', or null")
+        _check(self.unclosed_thinking in ("no_answer", "keep"), "unclosed_thinking",
+               f"must be no_answer or keep, got {self.unclosed_thinking!r}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
         _check(self.engine in ("static", "generate"), "engine", f"must be static or generate, got {self.engine!r}")
         _check(self.greedy or self.engine == "generate", "engine",
                "static decodes greedily only; with greedy: false set engine: generate")
+
+    def check_written(self):
+        """What params.yaml may not say (parse_section): an lm-eval protocol is lm-eval's recipe, so
+        its stops, budget and greedy decoding are not knobs. The stage itself derives copies with the
+        protocol's budget and stops filled in, which these checks would refuse."""
+        if self.protocol != "train_prompt":
+            _check(self.stop is None, "stop", f"{self.protocol} stops where lm-eval does; set evaluate.stop: null")
+            _check(self.max_new_tokens is None or self.think_end is not None, "max_new_tokens",
+                   f"{self.protocol}'s budget is lm-eval's 256 tokens; set null (or set evaluate.think_end "
+                   "for a reasoning model's thinking budget)")
+            _check(self.greedy, "greedy", f"{self.protocol} decodes greedily (lm-eval's do_sample: false)")
 
 
 SECTIONS = {
@@ -297,7 +336,10 @@ def parse_section(name: str, raw: Any, source: str = "params.yaml"):
                             f"({type(value).__name__})")
         raw = {**raw, key: value}
     try:
-        return cls(**raw)
+        section = cls(**raw)
+        if hasattr(section, "check_written"):
+            section.check_written()
+        return section
     except ParamError as exc:
         raise UserError(f"{source}: {name}.{exc.key}: {exc.message}") from None
 

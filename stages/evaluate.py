@@ -9,18 +9,13 @@ and gathered back in order; the metrics are the same as on one GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 from stages.config import EvaluateParams, ModelParams, PromptParams, load_params
 from stages.io import UserError, cli, read_jsonl, write_json, write_jsonl
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """Generation continues to the end of the batch's step; keep text up to the first stop string."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -106,7 +101,7 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 def answer_length(ids: list[int], decode, stop: list[str], end_ids: set) -> tuple[int, bool]:
     """(tokens up to and including where the answer ended, whether it ended): at the first end id
-    (EOS/pad), or at the token that completes the first stop string; else all of `ids`."""
+    (EOS), or at the token that completes the first stop string; else all of `ids`."""
     first_end = next((k for k, t in enumerate(ids) if t in end_ids), None)
     n = len(ids) if first_end is None else first_end + 1
     if not any(s in decode(ids[:n]) for s in stop):
@@ -121,23 +116,25 @@ def answer_length(ids: list[int], decode, stop: list[str], end_ids: set) -> tupl
     return lo, True
 
 
-def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, questions: list[str],
-             show_progress: bool = True) -> tuple[list[str], int]:
-    """Completions for `questions` (in input order) and the number of tokens generated up to where
-    each answer ended."""
+def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]], stop: list[str],
+             max_new_tokens: int, show_progress: bool = True) -> tuple[list[str], int]:
+    """Completions of the prompts `encoded` (token ids, in input order), decoded with
+    skip_special_tokens up to where each answer ended (EOS, or the token completing a stop string;
+    the stop itself is cut by stages.protocols.cut_generation), and the number of tokens generated
+    up to those ends."""
     import torch
     from tqdm.auto import tqdm
 
     from stages.decode import allocate_cache, greedy_decode
-    from stages.modeling import encode_prompt, render_prompt
 
-    encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, q), prompt_p) for q in questions]
-    texts: list[str] = [""] * len(questions)
+    texts: list[str] = [""] * len(encoded)
     generated_tokens = 0
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     eos_ids = end_token_ids(model, tokenizer)
-    end_ids = {*eos_ids, pad_id}
+    # Not the pad id: a model that writes the pad token mid-answer goes on, as in generate() and
+    # lm-eval (after an answer's EOS, both fill with pad, which the EOS precedes).
+    end_ids = set(eos_ids)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     batches = make_batches(encoded, eval_p.batch_size, pad_id, device)
     if eval_p.engine == "static" and batches:
@@ -145,13 +142,13 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
 
         check_engine_supports(model)  # before any batch: a model it cannot vouch for gives no numbers
         rows, width = batches[0][1].input_ids.shape  # the first batch is the largest and the longest
-        buffers = allocate_cache(model.config, rows, width + eval_p.max_new_tokens - 1, model.dtype, device)
+        buffers = allocate_cache(model.config, rows, width + max_new_tokens - 1, model.dtype, device)
         use_graph = device.type == "cuda"
     else:
         # Built once: generate(stop_strings=…) rebuilds this per call, seconds each on a 128k vocabulary.
         from transformers import StoppingCriteriaList, StopStringCriteria
 
-        stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, eval_p.stop)]) if eval_p.stop else None
+        stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, stop)]) if stop else None
 
     for indices, batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
         with torch.inference_mode():
@@ -160,12 +157,12 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
 
                 def finished(tokens) -> bool:
                     for row, ids in enumerate(tokens.tolist()):
-                        if row not in ended_rows and answer_length(ids, decode, eval_p.stop, end_ids)[1]:
+                        if row not in ended_rows and answer_length(ids, decode, stop, end_ids)[1]:
                             ended_rows.add(row)
                     return len(ended_rows) == len(indices)
 
                 try:
-                    new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, finished, use_graph)
+                    new = greedy_decode(model, batch, max_new_tokens, buffers, finished, use_graph)
                 except torch.OutOfMemoryError:
                     raise
                 except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
@@ -179,7 +176,7 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                 out = model.generate(
                     input_ids=batch.input_ids,
                     attention_mask=attention_mask,
-                    max_new_tokens=eval_p.max_new_tokens,
+                    max_new_tokens=max_new_tokens,
                     do_sample=not eval_p.greedy,
                     temperature=None if eval_p.greedy else eval_p.temperature,
                     top_p=None, top_k=None,
@@ -189,10 +186,21 @@ def generate(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, q
                 )
                 new = out[:, batch.width:]
         for row, i in zip(new.tolist(), indices):
-            n, _ = answer_length(row, decode, eval_p.stop, end_ids)
+            n, _ = answer_length(row, decode, stop, end_ids)
             generated_tokens += n
-            texts[i] = cut_at_stop(decode(row[:n]), eval_p.stop)
+            texts[i] = decode(row[:n])
     return texts, generated_tokens
+
+
+def generate_questions(model, tokenizer, prompt_p: PromptParams, eval_p: EvaluateParams, questions: list[str],
+                       show_progress: bool = True) -> tuple[list[str], int]:
+    """`generate` on bare questions under a zero-shot `evaluate.protocol` (train_prompt by default),
+    prompts, stops and budget as the stage builds them: for benchmarks and tests."""
+    from stages import protocols as P
+
+    plan = P.plan(P.get_protocol(eval_p.protocol, prompt_p, eval_p), tokenizer, model.config,
+                  [{"question": q} for q in questions], [])
+    return generate(model, tokenizer, eval_p, plan.input_ids, plan.stop, plan.max_new_tokens, show_progress)
 
 
 def check_adapter(adapter: str) -> None:
@@ -228,9 +236,30 @@ def select_rows(rows: list[dict], eval_p: EvaluateParams, where: str) -> list[di
                             f"({len(rows)} rows); use a value <= {len(rows)} or null")
         rows = rows[:eval_p.limit]
     for i, row in enumerate(rows, 1):
-        if not isinstance(row.get("question"), str) or not isinstance(row.get("final"), str):
-            raise UserError(f"{where}:{i}: row needs string fields 'question' and 'final' (run the prepare stage)")
+        # 'answer' (the reference solution ending in '#### N') is what lm-eval compares with.
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise UserError(f"{where}:{i}: row needs string fields 'question' and 'answer' (run the prepare stage)")
     return rows
+
+
+def load_fewshot_pool(protocol, path: str | None) -> list[dict]:
+    """The rows a `default`-sampler protocol draws its examples from (prepare's raw train split)."""
+    if not (protocol.num_fewshot and protocol.fewshot_sampler == "default"):
+        return []
+    if path is None:
+        raise UserError(f"params.yaml: evaluate.protocol: {protocol.name} draws few-shot examples from the train "
+                        "split: pass --fewshot-file (dvc.yaml passes the prepare stage's few-shot pool)")
+    if not Path(path).is_file():
+        raise UserError(f"--fewshot-file {path}: no such file; run the prepare stage first (`dvc repro prepare`)")
+    return read_jsonl(path)
+
+
+def prompt_digest(text: str) -> str:
+    """A short fingerprint of the exact prompt text, kept per question (the 8-shot prompts would
+    make predictions files megabytes): equal digests, equal prompts (tests/test_lmeval_parity.py)."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @cli
@@ -238,35 +267,53 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="GSM8K exact-match evaluation")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data-file", required=True)
+    parser.add_argument("--fewshot-file", default=None, help="few-shot pool (prepare's), for protocols that draw one")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory; omit to score the base model")
     parser.add_argument("--metrics", required=True)
+    parser.add_argument("--run-info", default=None, help="JSON of how it ran: the protocol's settings, speed")
     parser.add_argument("--predictions", required=True)
     args = parser.parse_args(argv)
 
+    from stages import protocols as P
+
     model_p, prompt_p, eval_p = load_params(args.params, "model", "prompt", "evaluate")
+    protocol = P.get_protocol(eval_p.protocol, prompt_p, eval_p)
     rows = select_rows(read_jsonl(args.data_file), eval_p, args.data_file)
+    pool = load_fewshot_pool(protocol, args.fewshot_file)
     if args.adapter is not None:
         check_adapter(args.adapter)
-    check_writable(args.metrics, "--metrics")
-    check_writable(args.predictions, "--predictions")
+    outputs = [(args.metrics, "--metrics"), (args.predictions, "--predictions")]
+    for path, flag in outputs + ([(args.run_info, "--run-info")] if args.run_info else []):
+        check_writable(path, flag)
 
     from stages import memory
-    from stages.modeling import encode_prompt, load_config, load_tokenizer, render_prompt
+    from stages.modeling import load_config, load_tokenizer
 
-    config = load_config(model_p.name, model_p.revision).to_dict()
+    config = load_config(model_p.name, model_p.revision)
     # The adapter directory holds the tokenizer training used; the base's is read at model.revision.
     tokenizer = load_tokenizer(args.adapter) if args.adapter else load_tokenizer(model_p.name, model_p.revision)
     tokenizer.padding_side = "left"
-    longest_prompt = max(len(encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, r["question"]), prompt_p))
-                         for r in rows)
+    # Every prompt, its ids, the stops and the budget, checked (chat template, few-shot pool, no
+    # evaluated question among the examples) before the model is loaded.
+    plan = P.plan(protocol, tokenizer, config, rows, pool, where=args.fewshot_file or "the few-shot pool")
+    limit = P.context_limit(config, tokenizer, protocol)
+    truncated = sum(len(ids) == limit for ids in plan.input_ids)
+    if truncated:
+        print(f"evaluate: warning: {truncated} of {len(rows)} prompts were cut to their last {limit} tokens "
+              f"(the model's length minus the {plan.max_new_tokens}-token budget), as lm-eval cuts them")
+    longest_prompt = max(len(ids) for ids in plan.input_ids)
+    # What the memory estimate and generation use: the protocol's budget and stops.
+    eval_run = dataclasses.replace(eval_p, max_new_tokens=plan.max_new_tokens, stop=plan.stop)
     # merged_bf16 means "the base is in the compute dtype": the adapter stays unmerged beside it, and its
     # weights (~1% of the dequantized base's: 0.17 GB for the 8B model at r=32) are within the margin.
-    memory.preflight_eval(config, model_p, eval_p, longest_prompt, merged_bf16=eval_p.dequantize)
+    estimate = memory.preflight_eval(config.to_dict(), model_p, eval_run, longest_prompt,
+                                     merged_bf16=eval_p.dequantize, n_questions=len(rows))
+    if eval_run.batch_size == "auto":  # the preflight picked it from the free memory, and said so
+        eval_run = dataclasses.replace(eval_run, batch_size=estimate["batch_size"])
 
     import torch
     from accelerate.utils import gather_object
 
-    from stages.gsm8k import flexible_answer, is_correct, load_metric, strict_answer
     from stages.modeling import process_state
 
     state = process_state()
@@ -275,12 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     indices = list(range(len(rows)))
     with state.split_between_processes(indices) as mine:
         try:
-            texts, n_tokens = generate(model, tokenizer, prompt_p, eval_p, [rows[i]["question"] for i in mine],
-                                       show_progress=state.is_main_process)
+            texts, n_tokens = generate(model, tokenizer, eval_run, [plan.input_ids[i] for i in mine], plan.stop,
+                                       plan.max_new_tokens, show_progress=state.is_main_process)
         except torch.OutOfMemoryError:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            raise UserError(memory.oom_message("evaluate", config, model_p, eval_p, torch.cuda.max_memory_allocated(),
-                                               total, longest_prompt, eval_p.dequantize)) from None
+            raise UserError(memory.oom_message("evaluate", config.to_dict(), model_p, eval_run,
+                                               torch.cuda.max_memory_allocated(), total, longest_prompt,
+                                               eval_p.dequantize, batch=eval_run.batch_size)) from None
         shard = [(i, t) for i, t in zip(mine, texts)]
     gathered = gather_object(shard) if state.num_processes > 1 else shard
     tokens = gather_object([n_tokens]) if state.num_processes > 1 else [n_tokens]
@@ -289,31 +337,33 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     by_index = dict(gathered)
-    texts = [by_index[i] for i in indices]
-    golds = [row["final"] for row in rows]
-    scores = load_metric().compute(predictions=texts, references=golds)
-    metrics = {
+    records = [{"protocol": protocol.name, "prompt_sha256": prompt_digest(plan.prompts[i]),
+                **P.prediction_record(protocol, rows[i], by_index[i], plan.stop)} for i in indices]
+    scores = P.score(records)
+    # Numbers only, and few: `dvc metrics show` / `dvc exp show` put every key in a column.
+    metrics = {"protocol": protocol.name, "exact_match": scores["exact_match"],
+               "exact_match_flexible": scores["exact_match_flexible"], "no_answer_rate": scores["no_answer_rate"],
+               "n": scores["n"]}
+    run_info = {
         **scores,
+        "generated_tokens": sum(tokens),
         "generated_tokens_per_second": round(sum(tokens) / wall, 1),
         "wall_seconds": round(wall, 1),
+        "truncated_prompts": truncated,
         # The settings the number depends on: compare two exact_match values only when these agree.
-        "generation": {
-            "split": eval_p.split, "model": model_p.name, "adapter": bool(args.adapter),
-            "load_in_4bit": model_p.load_in_4bit, "max_new_tokens": eval_p.max_new_tokens,
-            "greedy": eval_p.greedy, "stop": eval_p.stop, "dequantize": eval_p.dequantize, "engine": eval_p.engine,
-            "chat": prompt_p.chat,
-            "num_processes": state.num_processes,
-        },
+        "protocol": P.settings(protocol),
+        "split": eval_p.split, "model": model_p.name, "revision": model_p.revision, "adapter": bool(args.adapter),
+        "load_in_4bit": model_p.load_in_4bit, "dequantize": eval_p.dequantize, "engine": eval_p.engine,
+        "batch_size": eval_run.batch_size, "batch_size_param": eval_p.batch_size, "num_processes": state.num_processes,
+        "fewshot_pool": {"file": args.fewshot_file, "rows": len(pool)} if pool else None,
     }
-    extracted = [strict_answer(text) for text in texts]
-    write_jsonl(args.predictions, (
-        {"question": row["question"], "gold": row["final"], "generated": text,
-         "extracted": answer, "extracted_flexible": flexible_answer(text),
-         "correct": is_correct(answer, row["final"])}
-        for row, text, answer in zip(rows, texts, extracted)))
-    write_json(args.metrics, metrics)
-    print(f"evaluate: exact_match {scores['exact_match']:.4f} (flexible {scores['exact_match_flexible']:.4f}) "
-          f"on {scores['n']} questions, {metrics['generated_tokens_per_second']} generated tokens/s")
+    write_jsonl(args.predictions, records)
+    if args.run_info:
+        write_json(args.run_info, run_info)
+    write_json(args.metrics, metrics)  # last: the file that says "done"
+    print(f"evaluate: {protocol.name}: exact_match {scores['exact_match']:.4f} (flexible "
+          f"{scores['exact_match_flexible']:.4f}, no answer {scores['no_answer_rate']:.4f}) on {scores['n']} "
+          f"questions, {run_info['generated_tokens_per_second']} generated tokens/s")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,14 @@ class UserError(Exception):
 
 
 def cli(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Run `main`, turning a UserError into `error: …` on stderr and exit status 2."""
+    """Run `main`, turning a UserError into `error: …` on stderr and exit status 2; the known
+    harmless library warnings (stages/quiet.py) are silenced first."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from stages.quiet import silence_known_warnings
+
+        silence_known_warnings()
         try:
             return main(*args, **kwargs)
         except UserError as exc:

@@ -1,9 +1,15 @@
-"""python -m stages.prepare --train data/gsm8k_train.jsonl --dev data/gsm8k_dev.jsonl --test data/gsm8k_test.jsonl
+"""python -m stages.prepare --train data/gsm8k_train.jsonl --dev data/gsm8k_dev.jsonl --test data/gsm8k_test.jsonl \
+    --fewshot data/gsm8k_fewshot.jsonl
 
 GSM8K (or a local copy, or offline gsm_symbolic problems) → three JSONL splits of
 {"question", "answer" (the full reference solution), "final" (the gold number)}.
 Dev is carved from train only, with a seeded shuffle, after removing train rows whose question
-also appears in test; same params → identical bytes.
+also appears in test; same params → identical bytes. Questions are kept as the source writes them
+(lm-eval puts them into its prompts unstripped; the training prompt strips them).
+
+The fourth file is the few-shot pool of lm-eval's protocols: the source's whole train split, rows
+exactly as they come and in their order, because lm-eval draws its examples with
+`rnd.sample(train_split, k)` and another order or length would draw others (stages/protocols.py).
 """
 from __future__ import annotations
 
@@ -84,10 +90,17 @@ def clean_rows(rows: list[dict], split: str) -> list[dict]:
         final = gold_answer(answer)
         if final is None:
             raise UserError(f"{where}: answer has no final '#### N' line: {answer[-60:]!r}")
-        out.append({"question": question.strip(), "answer": answer.strip(), "final": final})
+        out.append({"question": question, "answer": answer.strip(), "final": final})
     if not out:
         raise UserError(f"split '{split}' is empty")
     return out
+
+
+def fewshot_pool(raw_train: list[dict]) -> list[dict]:
+    """lm-eval's few-shot split: every raw train row's question and answer, untouched, in order
+    (validated by clean_rows first)."""
+    clean_rows(raw_train, "train")
+    return [{"question": row["question"], "answer": row["answer"]} for row in raw_train]
 
 
 def _key(question: str) -> str:
@@ -130,13 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     for name in ("train", "dev", "test"):
         parser.add_argument(f"--{name}", required=True, help=f"output JSONL for the {name} split")
+    parser.add_argument("--fewshot", required=True, help="output JSONL: the few-shot pool (raw train split)")
     args = parser.parse_args(argv)
     data = load_params(args.params, "data")
-    splits, report = make_splits(load_source(data), data)
+    raw = load_source(data)
+    splits, report = make_splits(raw, data)
+    pool = fewshot_pool(raw["train"])
     for name, rows in splits.items():
         write_jsonl(getattr(args, name), rows)
+    write_jsonl(args.fewshot, pool)
     sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
-    print(f"prepare: {data.source}: {sizes} rows "
+    print(f"prepare: {data.source}: {sizes} rows, few-shot pool {len(pool)} "
           f"({report['train_rows_duplicating_test']} train rows dropped as duplicates of test questions)")
 
 

@@ -187,6 +187,10 @@ LM_EVAL_GSM8K_COT_LLAMA = Protocol(
 
 LM_EVAL_PROTOCOLS = {p.name: p for p in (LM_EVAL_GSM8K, LM_EVAL_GSM8K_COT_LLAMA)}
 PROTOCOL_NAMES = (TRAIN_PROMPT, *LM_EVAL_PROTOCOLS)
+# train_prompt's stops and budget when evaluate.stop / evaluate.max_new_tokens are null: lm-eval
+# gsm8k's stop set, and room for a step-by-step solution.
+TRAIN_PROMPT_STOP = ("Question:", "</s>", "<|im_end|>")
+TRAIN_PROMPT_MAX_NEW_TOKENS = 512
 
 
 def train_prompt(template: str, chat: bool, chat_template_kwargs: Mapping[str, Any], stop: Sequence[str],
@@ -225,19 +229,27 @@ def with_thinking(protocol: Protocol, think_end: str, max_new_tokens: int,
 
 
 def get_protocol(name: str, prompt, evaluate) -> Protocol:
-    """The protocol `evaluate.protocol` names; `prompt`/`evaluate` are the params sections
-    (PromptParams, EvaluateParams). prompt.chat_template_kwargs go to every chat template (lm-eval's
-    `chat_template_args`, e.g. enable_thinking)."""
+    """The protocol `evaluate.protocol` names, as params set it; `prompt`/`evaluate` are the params
+    sections (PromptParams, EvaluateParams). Null `evaluate.stop`/`max_new_tokens` are the
+    protocol's own; `evaluate.think_end` makes it a reasoning-model protocol (`with_thinking`).
+    prompt.chat_template_kwargs go to every chat template (lm-eval's `chat_template_args`, e.g.
+    enable_thinking)."""
     if name == TRAIN_PROMPT:
-        return train_prompt(prompt.template, prompt.chat, prompt.chat_template_kwargs, evaluate.stop,
-                            evaluate.max_new_tokens)
-    if name not in LM_EVAL_PROTOCOLS:
+        budget = evaluate.max_new_tokens or TRAIN_PROMPT_MAX_NEW_TOKENS
+        protocol = train_prompt(prompt.template, prompt.chat, prompt.chat_template_kwargs,
+                                TRAIN_PROMPT_STOP if evaluate.stop is None else evaluate.stop, budget)
+    elif name in LM_EVAL_PROTOCOLS:
+        protocol = LM_EVAL_PROTOCOLS[name]
+        if protocol.chat and prompt.chat_template_kwargs:
+            protocol = dataclasses.replace(protocol,
+                                           chat_template_kwargs=tuple(sorted(prompt.chat_template_kwargs.items())))
+    else:
         close = difflib.get_close_matches(str(name), PROTOCOL_NAMES, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(PROTOCOL_NAMES)}"
         raise UserError(f"params.yaml: evaluate.protocol: unknown protocol {name!r} ({hint})")
-    protocol = LM_EVAL_PROTOCOLS[name]
-    if protocol.chat and prompt.chat_template_kwargs:
-        protocol = dataclasses.replace(protocol, chat_template_kwargs=tuple(sorted(prompt.chat_template_kwargs.items())))
+    if getattr(evaluate, "think_end", None):
+        protocol = with_thinking(protocol, evaluate.think_end, evaluate.max_new_tokens or protocol.max_new_tokens,
+                                 evaluate.unclosed_thinking)
     return protocol
 
 

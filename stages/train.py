@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev-file", required=True)
     parser.add_argument("--output-dir", required=True, help="final adapter + tokenizer")
     parser.add_argument("--resume-dir", required=True, help="intermediate checkpoints (kept across interruptions)")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--metrics", required=True, help="JSON of the losses (a DVC metric)")
+    parser.add_argument("--run-info", default=None, help="JSON of how it ran: losses, steps, time, tokens/s, peak memory")
     parser.add_argument("--live-dir", default=None, help="DVCLive directory for loss curves")
     args = parser.parse_args(argv)
 
@@ -551,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)  # fail early
     check_output_locations([
         ("--metrics", args.metrics, False, False),
+        *([("--run-info", args.run_info, False, False)] if args.run_info else []),
         ("--output-dir", args.output_dir, True, False),
         ("--live-dir", args.live_dir, True, True),
         ("--resume-dir", args.resume_dir, True, True),
@@ -643,12 +645,19 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
         if not is_write_error(exc):
             raise
         raise UserError(save_failed_message(args.output_dir, exc, then)) from None
+    # The metric holds the losses only: `dvc exp show` puts every metric in a column, and the
+    # run's facts (time, speed, memory) differ between any two runs.
+    losses_only = {k: metrics[k] for k in ("train_loss", "dev_loss")}
+    written = [(args.run_info, metrics)] if args.run_info else []
     try:
-        write_json(args.metrics, metrics)
+        for path, content in written + [(args.metrics, losses_only)]:  # the metric last: it says "done"
+            write_json(path, content)
     except OSError as exc:
         # A new adapter next to the old metrics would be reported as the old result.
         shutil.rmtree(args.output_dir, ignore_errors=True)
-        raise UserError(save_failed_message(args.metrics, exc, then)) from None
+        for path, _ in written:
+            Path(path).unlink(missing_ok=True)
+        raise UserError(save_failed_message(path, exc, then)) from None
     # The adapter is saved; the intermediate checkpoints would only take disk.
     shutil.rmtree(args.resume_dir, ignore_errors=True)
     print("train: " + json.dumps(metrics))

@@ -152,7 +152,7 @@ def eager_to_end(monkeypatch):
 def test_generation_stops_on_every_end_id_of_the_generation_config(chatml_dir, chat_tokenizer, eager_to_end,
                                                                     engine, monkeypatch):
     import stages.decode as decode
-    from stages.evaluate import generate, load_for_generation
+    from stages.evaluate import generate_questions, load_for_generation
 
     # float32: the token ids are compared exactly.
     model = load_for_generation(ModelParams(name=str(chatml_dir), load_in_4bit=False,
@@ -166,7 +166,7 @@ def test_generation_stops_on_every_end_id_of_the_generation_config(chatml_dir, c
     monkeypatch.setattr(decode, "CHECK_EVERY", 2)
     questions = ["1+1?", "What is 7 times 8, minus 3?", "x"]
     eval_p = EvaluateParams(max_new_tokens=40, batch_size=4, stop=[], engine=engine)
-    texts, n_tokens = generate(model, tok, PromptParams(chat=True), eval_p, questions, show_progress=False)
+    texts, n_tokens = generate_questions(model, tok, PromptParams(chat=True), eval_p, questions, show_progress=False)
     assert n_tokens == 3 * len(questions)  # every answer ended at its third token, <|im_end|>
     assert all("<|im_end|>" not in t for t in texts)
     # And decoding stopped there rather than running the 40-token budget.

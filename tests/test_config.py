@@ -54,7 +54,15 @@ def test_defaults_load_and_match_the_committed_params_file(tmp_path):
     ({"prompt": {"chat_template_kwargs": ["enable_thinking"]}}, "prompt.chat_template_kwargs: expected dict"),
     ({"data": {"limit": 0}}, "data.limit: must be > 0 or null, got 0"),
     ({"evaluate": {"split": "validation"}}, "evaluate.split: must be test, dev or train"),
-    ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size: must be > 0, got 0"),
+    ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size: must be > 0 or auto, got 0"),
+    ({"evaluate": {"batch_size": "max"}}, "evaluate.batch_size: must be > 0 or auto, got 'max'"),
+    ({"evaluate": {"protocol": "lm_eval_gsm8"}}, "evaluate.protocol: unknown protocol 'lm_eval_gsm8' (did you mean 'lm_eval_gsm8k'?)"),
+    ({"evaluate": {"protocol": "lm_eval_gsm8k", "stop": ["\n\n"]}}, "evaluate.stop: lm_eval_gsm8k stops where lm-eval does"),
+    ({"evaluate": {"protocol": "lm_eval_gsm8k", "max_new_tokens": 512}}, "evaluate.max_new_tokens: lm_eval_gsm8k's budget is lm-eval's 256"),
+    ({"evaluate": {"protocol": "lm_eval_gsm8k_cot_llama", "greedy": False, "engine": "generate"}},
+     "evaluate.greedy: lm_eval_gsm8k_cot_llama decodes greedily"),
+    ({"evaluate": {"think_end": ""}}, "evaluate.think_end: must be a non-empty marker"),
+    ({"evaluate": {"unclosed_thinking": "drop"}}, "evaluate.unclosed_thinking: must be no_answer or keep"),
 ])
 def test_bad_values_name_the_key(tmp_path, sections, expected):
     path = write_params(tmp_path, **sections)
@@ -86,7 +94,8 @@ def test_stage_exits_2_with_one_line_before_loading_anything(tmp_path):
     path = write_params(tmp_path, data={"source": "gsm_symbolic", "num_problem": 10})
     out = tmp_path / "train.jsonl"
     proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(path), "--train", str(out),
-                           "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "test.jsonl")],
+                           "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "test.jsonl"),
+                           "--fewshot", str(tmp_path / "fewshot.jsonl")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {path}: data.num_problem: unknown key (did you mean 'data.num_problems'?)"

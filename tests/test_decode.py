@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from stages.config import EvaluateParams, ModelParams, PromptParams
-from stages.evaluate import answer_length, generate, load_for_generation
+from stages.evaluate import answer_length, generate_questions, load_for_generation
 
 PROMPT = PromptParams(template="Question: {question}\nAnswer:", chat=False)
 # Questions of very different lengths, so that batches are left-padded.
@@ -94,8 +94,8 @@ def test_stage_generate_agrees_across_engines(model_and_tokenizer):
     the same token count from both engines."""
     model, tokenizer = model_and_tokenizer
     eval_p = EvaluateParams(max_new_tokens=24, batch_size=4)
-    static = generate(model, tokenizer, PROMPT, eval_p, QUESTIONS, show_progress=False)
-    reference = generate(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"), QUESTIONS,
+    static = generate_questions(model, tokenizer, PROMPT, eval_p, QUESTIONS, show_progress=False)
+    reference = generate_questions(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"), QUESTIONS,
                          show_progress=False)
     assert static == reference
     assert static[1] > 0
@@ -165,7 +165,7 @@ def test_a_model_the_engine_cannot_drive_gets_a_one_line_error(model_and_tokeniz
     monkeypatch.setattr(decode.SlotCache, "update", missing)
     model, tokenizer = model_and_tokenizer
     with pytest.raises(UserError) as error:
-        generate(model, tokenizer, PROMPT, EvaluateParams(max_new_tokens=4, batch_size=2), QUESTIONS[:2],
+        generate_questions(model, tokenizer, PROMPT, EvaluateParams(max_new_tokens=4, batch_size=2), QUESTIONS[:2],
                  show_progress=False)
     message = str(error.value)
     assert "\n" not in message and "evaluate.engine: static cannot decode LlamaForCausalLM" in message
@@ -188,7 +188,7 @@ def test_static_engine_drives_a_4bit_base_with_an_unmerged_adapter(tiny_model_di
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenizer.padding_side = "left"
     eval_p = EvaluateParams(max_new_tokens=8, batch_size=4)
-    static = generate(model, tokenizer, PROMPT, eval_p, QUESTIONS, show_progress=False)
-    reference = generate(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"), QUESTIONS,
+    static = generate_questions(model, tokenizer, PROMPT, eval_p, QUESTIONS, show_progress=False)
+    reference = generate_questions(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"), QUESTIONS,
                          show_progress=False)
     assert static == reference and static[1] > 0

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def stage(tiny_model_dir, tmp_path):
     """Runs the stage on a valid setup (tiny model, one question), with the given flags changed."""
     data = tmp_path / "test.jsonl"
-    data.write_text(json.dumps({"question": "1+1?", "final": "2"}) + "\n")
+    data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2", "final": "2"}) + "\n")
     params = tmp_path / "params.yaml"
     params.write_text(f"model:\n  name: {tiny_model_dir}\n  load_in_4bit: false\n"
                       "evaluate:\n  max_new_tokens: 4\n  batch_size: 1\n  dequantize: false\n")
@@ -101,3 +101,66 @@ def test_outputs_in_directories_yet_to_be_created_are_fine(stage, tmp_path):
     assert json.loads(metrics.read_text())["n"] == 1 and predictions.is_file()
     assert not [p for p in metrics.parent.iterdir() if p.name.startswith(".")]
     assert os.listdir(tmp_path / "new") == ["deeper"]
+
+
+# ---------------------------------------------------------------- protocols (stages/protocols.py)
+
+GSM8K_ROW = {"question": "1+1?", "answer": "1+1=2\n#### 2"}
+
+
+def protocol_stage(tiny_model_dir, tmp_path, protocol, pool_rows, model_dir=None):
+    """The stage under `protocol` with a few-shot pool of `pool_rows`: (proc, metrics, predictions)."""
+    data, pool = tmp_path / "test.jsonl", tmp_path / "fewshot.jsonl"
+    data.write_text(json.dumps(GSM8K_ROW) + "\n")
+    pool.write_text("".join(json.dumps(r) + "\n" for r in pool_rows))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model:\n  name: {model_dir or tiny_model_dir}\n  load_in_4bit: false\n"
+                      f"evaluate:\n  protocol: {protocol}\n  batch_size: 1\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(params), "--data-file", str(data),
+                           "--fewshot-file", str(pool), "--metrics", str(out / "eval.json"),
+                           "--run-info", str(out / "run.json"), "--predictions", str(out / "predictions.jsonl")],
+                          cwd=REPO, capture_output=True, text=True)
+    return proc, out / "eval.json", out / "predictions.jsonl"
+
+
+def other_rows(n):
+    return [{"question": f"Tom has {i} apples and eats one. How many are left?", "answer": f"{i}-1={i - 1}\n#### {i - 1}"}
+            for i in range(2, 2 + n)]
+
+
+def test_a_pool_smaller_than_the_few_shot_count_is_refused(tiny_model_dir, tmp_path):
+    proc, metrics, predictions = protocol_stage(tiny_model_dir, tmp_path, "lm_eval_gsm8k", other_rows(3))
+    assert_refused(proc, metrics, predictions, "params.yaml: evaluate.protocol: lm_eval_gsm8k draws 5 few-shot "
+                                               f"examples but {tmp_path / 'fewshot.jsonl'} has 3 rows")
+
+
+def test_an_evaluated_question_among_the_examples_is_refused(tiny_model_dir, tmp_path):
+    # Every draw of 5 from these 5 rows holds the evaluated question (written with other spacing).
+    pool = other_rows(4) + [{"question": " 1+1? ", "answer": GSM8K_ROW["answer"]}]
+    proc, metrics, predictions = protocol_stage(tiny_model_dir, tmp_path, "lm_eval_gsm8k", pool)
+    assert proc.returncode == 2 and "\n" not in proc.stderr.strip(), proc.stderr[-2000:]
+    assert "evaluate.protocol: lm_eval_gsm8k: a few-shot example of question 1 is itself an evaluated question" \
+        in proc.stderr and not metrics.exists() and not predictions.exists()
+
+
+def test_a_chat_protocol_without_a_chat_template_is_refused(tiny_model_dir, tmp_path):
+    plain = tmp_path / "no-chat-model"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    proc, metrics, predictions = protocol_stage(tiny_model_dir, tmp_path, "lm_eval_gsm8k_cot_llama", [], plain)
+    assert_refused(proc, metrics, predictions, "params.yaml: evaluate.protocol: lm_eval_gsm8k_cot_llama renders "
+                                               "through a chat template, but the tokenizer has no chat template")
+
+
+def test_a_few_shot_protocol_names_its_pool_in_every_output(tiny_model_dir, tmp_path):
+    proc, metrics, predictions = protocol_stage(tiny_model_dir, tmp_path, "lm_eval_gsm8k", other_rows(6))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(metrics.read_text())["protocol"] == "lm_eval_gsm8k"
+    (record,) = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert record["protocol"] == "lm_eval_gsm8k" and record["gold"] == "2" and len(record["prompt_sha256"]) == 16
+    run_info = json.loads((metrics.parent / "run.json").read_text())
+    assert run_info["protocol"]["num_fewshot"] == 5 and run_info["fewshot_pool"]["rows"] == 6

@@ -58,7 +58,7 @@ def test_a_failing_stage_leaves_no_output(tmp_path):
 
 def test_malformed_data_file_is_named_by_line(tmp_path):
     data = tmp_path / "test.jsonl"
-    data.write_text(json.dumps({"question": "q", "final": "1"}) + "\n{broken\n")
+    data.write_text(json.dumps({"question": "q", "answer": "#### 1", "final": "1"}) + "\n{broken\n")
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  limit: 1\n")
     proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(params), "--data-file", str(data),
@@ -75,7 +75,7 @@ def test_evaluate_limit_larger_than_the_split(tmp_path, limit, message):
     from stages.evaluate import select_rows
 
     with pytest.raises(UserError, match=message):
-        select_rows([{"question": "q", "final": "1"}], EvaluateParams(limit=limit), "test.jsonl")
+        select_rows([{"question": "q", "answer": "#### 1", "final": "1"}], EvaluateParams(limit=limit), "test.jsonl")
 
 
 def test_atomic_path_keeps_the_old_output_when_the_write_fails(tmp_path):

@@ -49,35 +49,41 @@ def tasks(task_manager):
     return {name: loaded[f"parity_{name}"] for name in NAMES}
 
 
+def run_evaluate(tmp, model_dir, name, **evaluate):
+    """stages.evaluate, the stage itself, on the test rows (float32 as lm-eval runs here; batch 1 as
+    lm-eval's default unless `batch_size` says): (metrics, predictions, run info)."""
+    import yaml
+
+    from stages.evaluate import main
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    params = {"model": {"name": str(model_dir), "load_in_4bit": False, "bnb_4bit_compute_dtype": "float32"},
+              "evaluate": {"protocol": name, "batch_size": 1, **evaluate}}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    main(["--params", str(tmp / "params.yaml"), "--data-file", str(TEST_FILE), "--fewshot-file", str(TRAIN_FILE),
+          "--metrics", str(tmp / "eval.json"), "--run-info", str(tmp / "run.json"),
+          "--predictions", str(tmp / "predictions.jsonl")])
+    return (json.loads((tmp / "eval.json").read_text()), read_jsonl(tmp / "predictions.jsonl"),
+            json.loads((tmp / "run.json").read_text()))
+
+
 @pytest.fixture(scope="module")
-def ours(tiny_model_dir):
-    """Our plan for each protocol and our own greedy generation from our ids (transformers'
-    generate, float32, lm-eval's stops and budget)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def ours(tiny_model_dir, tmp_path_factory):
+    """Per protocol: our plan (stages.protocols.plan, what the stage builds its prompts with) and
+    the evaluate stage's own output at batch 1 and with all questions in one padded batch."""
+    from transformers import AutoConfig
 
     from stages.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    tmp = tmp_path_factory.mktemp("ours")
     out = {}
     for name in NAMES:
-        plan = P.plan(P.LM_EVAL_PROTOCOLS[name], tokenizer, model.config, TEST, TRAIN)
-        out[name] = plan, [generate(model, tokenizer, ids, plan) for ids in plan.input_ids]
+        plan = P.plan(P.LM_EVAL_PROTOCOLS[name], tokenizer, config, TEST, TRAIN)
+        out[name] = plan, run_evaluate(tmp / name, tiny_model_dir, name), \
+            run_evaluate(tmp / f"{name}-batched", tiny_model_dir, name, batch_size=N)
     return tokenizer, out
-
-
-def generate(model, tokenizer, ids, plan) -> str:
-    import torch
-    from transformers import StoppingCriteriaList, StopStringCriteria
-
-    with torch.inference_mode():
-        new = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, temperature=None, top_p=None, top_k=None,
-                             max_new_tokens=plan.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id,
-                             stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, plan.stop)]))
-    return tokenizer.decode(new[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
 def think_marker(text: str) -> str:
@@ -107,12 +113,12 @@ def lm_eval_runs(tiny_model_dir, task_manager, ours):
         by_doc = {}
         for sample in results["samples"][f"parity_{name}"]:
             by_doc.setdefault(sample["doc_id"], {})[sample["filter"]] = sample
-        return [by_doc[i] for i in range(N)]
+        return [by_doc[i] for i in range(N)], results["results"][f"parity_{name}"]
 
     model_args = {"pretrained": str(tiny_model_dir), "device": "cpu", "dtype": "float32", "batch_size": 1}
     lm = HFLM(**model_args)
     runs = {name: run(lm, name) for name in NAMES}
-    marker = think_marker(ours[1]["lm_eval_gsm8k"][1][0])
+    marker = think_marker(ours[1]["lm_eval_gsm8k"][1][1][0]["generated"])
     runs["think"] = marker, run(HFLM(**model_args, think_end_token=marker), "lm_eval_gsm8k")
     return lm, runs
 
@@ -197,6 +203,10 @@ COMPLETIONS = [
     ("lm_eval_gsm8k", 4, "I do not know.", (0, 0)),
     ("lm_eval_gsm8k", 4, "", (0, 0)),
     ("lm_eval_gsm8k", 4, "Hmm... 60-15-25 = 20...", (0, 0)),  # flexible takes the trailing "..."
+    ("lm_eval_gsm8k", 5, "He pays $64.00 in total.\n#### $64", (0, 1)),  # flexible: "$64" (last), not "64.00"
+    ("lm_eval_gsm8k", 6, "36-10=<<36-10=26>>26\n#### 26", (1, 1)),
+    ("lm_eval_gsm8k", 7, "7.5-2.25=5.25\n#### 5.25", (1, 1)),
+    ("lm_eval_gsm8k", 7, "#### 5.250", (0, 0)),
     ("lm_eval_gsm8k_cot_llama", 0, "16 - 3 - 4 = 9 eggs, 9 * 2 = 18. The final answer is 18", (1, 1)),
     ("lm_eval_gsm8k_cot_llama", 0, "The final answer is $18.", (1, 1)),
     ("lm_eval_gsm8k_cot_llama", 0, "The final answer is 17. No: The final answer is 18", (1, 1)),
@@ -205,6 +215,8 @@ COMPLETIONS = [
     ("lm_eval_gsm8k_cot_llama", 1, "The final answer is: 3", (0, 1)),
     ("lm_eval_gsm8k_cot_llama", 2, "The final answer is 70,000", (1, 1)),
     ("lm_eval_gsm8k_cot_llama", 3, "The final answer is 54O", (0, 0)),
+    ("lm_eval_gsm8k_cot_llama", 7, "7.5 - 2.25 = 5.25. The final answer is 5.25", (1, 1)),
+    ("lm_eval_gsm8k_cot_llama", 6, "The final answer is -26", (0, 0)),
 ]
 
 
@@ -275,48 +287,64 @@ def test_exact_match_is_lm_evals_metric(tasks, prediction, reference):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lm_eval_run_agrees_question_by_question(ours, lm_eval_runs, name):
+    """lm-eval's own run against the evaluate stage's predictions file, question by question."""
     from lm_eval.models.utils import handle_stop_sequences
 
+    from stages.evaluate import prompt_digest
+
     tokenizer, by_protocol = ours
-    plan, generated = by_protocol[name]
+    plan, (metrics, predictions, run_info), batched = by_protocol[name]
     lm, runs = lm_eval_runs
+    docs, aggregate = runs[name]
     protocol = plan.protocol
     # How lm-eval's HF backend turns a request into ids and stops, on the instance that ran it.
     assert P.context_limit(lm.model.config, lm.tokenizer, protocol) == lm.max_length - lm.max_gen_toks
     assert plan.stop == handle_stop_sequences(list(protocol.until), eos=lm.tok_decode(lm.eot_token_id,
                                                                                      skip_special_tokens=False))
     agree = {"prompt": 0, "ids": 0, "generation": 0, "strict-match": 0, "flexible-extract": 0}
-    for i, samples in enumerate(runs[name]):
+    for i, (samples, record) in enumerate(zip(docs, predictions)):
         logged = samples["strict-match"]
         context, gen_kwargs = logged["arguments"][0]
-        response = logged["resps"][0][0]
         ids, _ = lm.tok_batch_encode([context], left_truncate_len=lm.max_length - lm.max_gen_toks)
-        agree["prompt"] += context == plan.prompts[i] and gen_kwargs["until"] == list(protocol.until)
+        agree["prompt"] += record["prompt_sha256"] == prompt_digest(context) and context == plan.prompts[i] \
+            and gen_kwargs["until"] == list(protocol.until) and record["protocol"] == name
         agree["ids"] += ids[0].tolist() == plan.input_ids[i]
-        agree["generation"] += P.cut_generation(protocol, generated[i], plan.stop) == response
-        ours_scored = our_scores(protocol, TEST[i], P.cut_generation(protocol, response, plan.stop))
-        for f in ("strict-match", "flexible-extract"):
-            agree[f] += ours_scored[f] == (samples[f]["filtered_resps"][0], samples[f]["exact_match"]) \
+        agree["generation"] += record["response"] == logged["resps"][0][0]
+        for f, answer, correct in (("strict-match", "extracted", "correct"),
+                                   ("flexible-extract", "extracted_flexible", "correct_flexible")):
+            agree[f] += (record[answer], float(record[correct])) == \
+                (samples[f]["filtered_resps"][0], samples[f]["exact_match"]) \
                 and samples[f]["target"] == P.target(protocol, TEST[i])
     limit = P.context_limit(lm.model.config, lm.tokenizer, protocol)
     truncated = sum(len(ids) == limit for ids in plan.input_ids)
-    print(f"\n{name}: of {N} questions, agree on {agree} ({truncated} prompts left-truncated to {limit} tokens)")
+    same_batched = sum(a["generated"] == b["generated"] for a, b in zip(predictions, batched[1]))
+    print(f"\n{name}: of {N} questions, agree on {agree} ({truncated} prompts left-truncated to {limit} tokens); "
+          f"exact_match ours {metrics['exact_match']} / flexible {metrics['exact_match_flexible']}, lm-eval "
+          f"{aggregate['exact_match,strict-match']} / {aggregate['exact_match,flexible-extract']}; "
+          f"batch {N} vs batch 1: {same_batched} of {N} generations identical")
     assert agree == dict.fromkeys(agree, N)
+    assert (metrics["exact_match"], metrics["exact_match_flexible"]) == \
+        (aggregate["exact_match,strict-match"], aggregate["exact_match,flexible-extract"])
+    assert metrics["protocol"] == name and run_info["protocol"]["name"] == name and run_info["truncated_prompts"] \
+        == truncated
+    # Padding all questions into one batch moved nothing on the tiny model (float32).
+    assert same_batched == N and batched[0] == metrics
     if protocol.chat:
         # The 8 exemplars outgrow the tiny model's 2048 - 256 tokens: lm-eval's left truncation is compared too.
         assert truncated == N
 
 
-def test_lm_eval_think_end_token_agrees(ours, lm_eval_runs):
-    tokenizer, by_protocol = ours
-    plan, generated = by_protocol["lm_eval_gsm8k"]
+def test_lm_eval_think_end_token_agrees(tiny_model_dir, tmp_path, lm_eval_runs):
+    """evaluate.think_end with unclosed_thinking: keep is lm-eval's think_end_token, through the stage."""
     _, runs = lm_eval_runs
-    marker, run = runs["think"]
-    keep = P.with_thinking(P.LM_EVAL_GSM8K, marker, P.LM_EVAL_GSM8K.max_new_tokens, unclosed_thinking="keep")
-    agree = sum(P.cut_generation(keep, text, plan.stop) == samples["strict-match"]["resps"][0][0]
-                and our_scores(keep, row, P.cut_generation(keep, text, plan.stop))["flexible-extract"]
+    marker, (docs, aggregate) = runs["think"]
+    metrics, predictions, _ = run_evaluate(tmp_path, tiny_model_dir, "lm_eval_gsm8k", think_end=marker,
+                                           unclosed_thinking="keep")
+    agree = sum(record["response"] == samples["strict-match"]["resps"][0][0]
+                and (record["extracted_flexible"], float(record["correct_flexible"]))
                 == (samples["flexible-extract"]["filtered_resps"][0], samples["flexible-extract"]["exact_match"])
-                for text, samples, row in zip(generated, run, TEST))
-    closed = sum(marker in text for text in generated)
+                for record, samples in zip(predictions, docs))
+    closed = sum(record["thinking_closed"] for record in predictions)
     print(f"\nthink_end_token={marker!r}: closed in {closed} of {N}; agree on {agree} of {N}")
     assert agree == N and closed >= 1
+    assert metrics["exact_match_flexible"] == aggregate["exact_match,flexible-extract"]

@@ -54,8 +54,11 @@ def test_repro_experiment_diff_and_nothing_left_to_do(project):
         assert f"Running stage '{stage}'" in out
     evaluation = json.loads((root / "metrics/eval.json").read_text())
     assert evaluation["n"] == 12 and 0 <= evaluation["exact_match"] <= 1
-    assert evaluation["generation"]["max_new_tokens"] == 16
-    train = json.loads((root / "metrics/train.json").read_text())
+    assert evaluation["protocol"] == "train_prompt"
+    run_info = json.loads((root / "metrics/eval_run.json").read_text())
+    assert run_info["protocol"]["max_new_tokens"] == 16 and run_info["adapter"] is True
+    assert json.loads((root / "metrics/train.json").read_text()).keys() == {"train_loss", "dev_loss"}
+    train = json.loads((root / "metrics/train_run.json").read_text())
     assert train["steps"] == 3 and train["effective_batch"] == 8
     assert (root / "checkpoints/sft_lora/adapter_config.json").is_file()
     assert not (root / "checkpoints/resume").exists()

@@ -115,13 +115,28 @@ def test_stage_writes_identical_bytes_for_gsm_symbolic(tmp_path):
     params.write_text("data:\n  source: gsm_symbolic\n  num_problems: 40\n  dev_size: 4\n  seed: 7\n")
     outputs = []
     for run in ("a", "b"):
-        paths = {s: tmp_path / run / f"{s}.jsonl" for s in ("train", "dev", "test")}
+        paths = {s: tmp_path / run / f"{s}.jsonl" for s in ("train", "dev", "test", "fewshot")}
         subprocess.run([sys.executable, "-m", "stages.prepare", "--params", str(params),
                         *[a for s, p in paths.items() for a in (f"--{s}", str(p))]], check=True, capture_output=True)
         outputs.append({s: p.read_bytes() for s, p in paths.items()})
     assert outputs[0] == outputs[1]
     test_rows = [json.loads(line) for line in outputs[0]["test"].splitlines()]
     assert len(test_rows) == 8 and all(r["answer"].rstrip().endswith(f"#### {r['final']}") for r in test_rows)
+    # The few-shot pool is the whole source train split (dev and train rows, not test), untouched.
+    pool = [json.loads(line) for line in outputs[0]["fewshot"].splitlines()]
+    split_rows = [json.loads(line) for s in ("train", "dev") for line in outputs[0][s].splitlines()]
+    assert len(pool) == 32 and {r["question"] for r in pool} == {r["question"] for r in split_rows}
+    assert not {r["question"] for r in pool} & {r["question"] for r in test_rows}
+    assert all(set(r) == {"question", "answer"} for r in pool)
+
+
+def test_fewshot_pool_keeps_the_source_rows_and_order(tmp_path):
+    """lm-eval draws from the raw train split by position: the pool keeps every row (also those that
+    dev and decontamination take out of train), unstripped, in the source's order."""
+    from stages.prepare import fewshot_pool
+
+    raw = [row(i) for i in range(5)] + [{"question": "  Spaced?  ", "answer": "x\n#### 3"}]
+    assert fewshot_pool(raw) == [{"question": r["question"], "answer": r["answer"]} for r in raw]
 
 
 def test_line_numbers_count_blank_lines(tmp_path):

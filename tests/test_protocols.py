@@ -69,7 +69,7 @@ def test_train_prompt_is_what_training_saw(tokenizer, chat, kwargs):
     text = P.render_prompt(protocol, tokenizer, question, [])
     assert text == render_prompt(tokenizer, prompt_p, question)
     assert P.encode_context(tokenizer, text, protocol, 10_000) == encode_prompt(tokenizer, text, prompt_p)
-    assert (protocol.until, protocol.max_new_tokens) == (tuple(EvaluateParams().stop), EvaluateParams().max_new_tokens)
+    assert (protocol.until, protocol.max_new_tokens) == (P.TRAIN_PROMPT_STOP, P.TRAIN_PROMPT_MAX_NEW_TOKENS)
 
 
 def test_train_prompt_template_keeps_literal_braces():

@@ -17,7 +17,7 @@ def train_cmd(params, data_dir, out):
     return [sys.executable, "-m", "stages.train", "--params", str(params),
             "--train-file", str(data_dir / "train.jsonl"), "--dev-file", str(data_dir / "dev.jsonl"),
             "--output-dir", str(out / "adapter"), "--resume-dir", str(out / "resume"),
-            "--metrics", str(out / "train.json"), "--live-dir", str(out / "live")]
+            "--metrics", str(out / "losses.json"), "--run-info", str(out / "train.json"), "--live-dir", str(out / "live")]
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ def ddp(tiny_model_dir, tmp_path_factory):
         stdouts[name] = launch(num_processes, "stages.train", [
             "--params", out / "params.yaml", "--train-file", root / "train.jsonl", "--dev-file", root / "dev.jsonl",
             "--output-dir", out / "results/adapter", "--resume-dir", out / "results/resume",
-            "--metrics", out / "results/train.json", "--live-dir", out / "results/live"])
+            "--metrics", out / "results/losses.json", "--run-info", out / "results/train.json",
+            "--live-dir", out / "results/live"])
     return root, outs, stdouts
 
 
@@ -120,20 +121,22 @@ def test_two_process_evaluation_gathers_the_same_predictions_in_question_order(d
         stdout = launch(n, "stages.evaluate", [
             "--params", outs[BASELINE] / "params.yaml", "--data-file", root / "test.jsonl",
             "--adapter", outs[BASELINE] / "results/adapter",
-            "--metrics", root / f"eval{n}.json", "--predictions", root / f"predictions{n}.jsonl"])
-        assert stdout.count("evaluate: exact_match") == 1, "only rank 0 reports"
+            "--metrics", root / f"eval{n}.json", "--run-info", root / f"run{n}.json",
+            "--predictions", root / f"predictions{n}.jsonl"])
+        assert stdout.count("evaluate: train_prompt: exact_match") == 1, "only rank 0 reports"
         metrics = json.loads((root / f"eval{n}.json").read_text())
+        run_info = json.loads((root / f"run{n}.json").read_text())
         predictions = [json.loads(line) for line in (root / f"predictions{n}.jsonl").read_text().splitlines()]
-        results[n] = metrics, predictions
-    (metrics1, predictions1), (metrics2, predictions2) = results[1], results[2]
+        results[n] = metrics, predictions, run_info
+    (metrics1, predictions1, run1), (metrics2, predictions2, run2) = results[1], results[2]
     # 7 questions: shards of 4 and 3, gathered back in the file's order.
     assert [p["question"] for p in predictions2] == [r["question"] for r in addition_rows(7, 200)]
     assert predictions2 == predictions1
     assert any(p["generated"] for p in predictions1), "empty generations would make the comparison vacuous"
-    assert metrics2["generation"].pop("num_processes") == 2 and metrics1["generation"].pop("num_processes") == 1
+    assert run2.pop("num_processes") == 2 and run1.pop("num_processes") == 1
     for timing in ("generated_tokens_per_second", "wall_seconds"):
-        metrics1.pop(timing), metrics2.pop(timing)
-    assert metrics2 == metrics1 and metrics1["n"] == 7
+        run1.pop(timing), run2.pop(timing)
+    assert metrics2 == metrics1 and metrics1["n"] == 7 and run2 == run1
 
 
 @pytest.fixture(scope="module")

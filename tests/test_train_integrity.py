@@ -33,7 +33,7 @@ def stage(tiny_model_dir, tmp_path):
         return ["--params", str(tmp_path / "params.yaml"), "--train-file", str(tmp_path / "train.jsonl"),
                 "--dev-file", str(tmp_path / "dev.jsonl"), "--output-dir", str(out / "adapter"),
                 "--resume-dir", str(out / "resume"), "--metrics", str(out / "train.json"),
-                "--live-dir", str(out / "live")], out
+                "--run-info", str(out / "train_run.json"), "--live-dir", str(out / "live")], out
 
     return make
 
@@ -111,7 +111,7 @@ def test_an_unknown_lora_target_module_is_named_before_the_model_loads(stage, ca
     assert not (out / "resume").exists() and not (out / "adapter").exists()
 
 
-@pytest.mark.parametrize("flag", ["--metrics", "--output-dir", "--live-dir", "--resume-dir"])
+@pytest.mark.parametrize("flag", ["--metrics", "--run-info", "--output-dir", "--live-dir", "--resume-dir"])
 def test_an_unwritable_output_location_is_named_before_anything_loads(stage, capsys, monkeypatch, flag, tmp_path):
     import stages.modeling
 
@@ -122,7 +122,7 @@ def test_an_unwritable_output_location_is_named_before_anything_loads(stage, cap
     argv, out = stage()
     blocker = tmp_path / "a-file"  # a regular file where a directory is needed: fails for root too
     blocker.write_text("")
-    target = blocker / "sub" / ("train.json" if flag == "--metrics" else "dir")
+    target = blocker / "sub" / ("train.json" if flag in ("--metrics", "--run-info") else "dir")
     argv[argv.index(flag) + 1] = str(target)
     line = run_main(argv, capsys)
     assert line == f"error: {flag} {target}: cannot write there: {blocker} is not a directory"
