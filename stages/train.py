@@ -680,6 +680,8 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         peft_config=build_lora_config(train_p),
         callbacks=callbacks,
     )
+    if model_p.bnb_4bit_compute_dtype == "float16":
+        fp32_master_weights(trainer.model)
     trainer.add_callback(keep_trainable_dtypes(trainer.model))
     if train_p.torch_compile:
         compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs)
@@ -776,6 +778,19 @@ def copy_grads_out_of_graph_memory(model) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.register_hook(functools.partial(_own_grad, param))
+
+
+def fp32_master_weights(model) -> None:
+    """fp16 cards (T4, V100: no bf16) train under fp16 autocast with a GradScaler, which unscales
+    float32 gradients only ("_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for
+    BFloat16, measured on the H200), and TRL casts a QLoRA adapter to bf16 whatever the compute dtype.
+    The trainable weights go back to float32, the usual master copy of mixed-precision training;
+    the matmuls still run in fp16 under autocast."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _own_grad(param, grad):

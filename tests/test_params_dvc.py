@@ -102,8 +102,9 @@ def dvc_project(tmp_path_factory):
                 shutil.copy2(REPO / name, root / name)
     (root / "params.yaml").write_text(committed_text("params.yaml"))
     for out in ("fingerprints/model.json", "fingerprints/data.json", "data/gsm8k_train.jsonl", "data/gsm8k_dev.jsonl",
-                "data/gsm8k_test.jsonl", "checkpoints/sft_lora/adapter_config.json", "metrics/train.json",
-                "metrics/eval.json", "metrics/eval_base.json", "metrics/predictions.jsonl",
+                "data/gsm8k_test.jsonl", "data/gsm8k_fewshot.jsonl", "checkpoints/sft_lora/adapter_config.json",
+                "metrics/train.json", "metrics/train_run.json", "metrics/eval.json", "metrics/eval_run.json",
+                "metrics/eval_base.json", "metrics/eval_base_run.json", "metrics/predictions.jsonl",
                 "metrics/predictions_base.jsonl", "metrics/accuracy_by_steps.csv", "dvclive/train/metrics.json"):
         (root / out).parent.mkdir(parents=True, exist_ok=True)
         (root / out).write_text(json.dumps({"placeholder": out}) + "\n")

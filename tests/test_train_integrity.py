@@ -187,3 +187,22 @@ def test_the_resume_dir_lock_names_its_holder_and_goes_with_it(tmp_path):
     assert not lock.exists()
     with resume_dir_lock(resume):
         pass
+
+
+def test_an_fp16_compute_dtype_trains_float32_master_weights(stage, tmp_path):
+    """bnb_4bit_compute_dtype: float16 (T4, V100): TRL casts the adapter to bf16, which fp16's
+    GradScaler cannot unscale on a GPU; the stage trains float32 LoRA weights instead, with finite
+    losses, and saves them as float32."""
+    from safetensors import safe_open
+
+    from stages.train import main
+
+    argv, out = stage()
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["model"]["bnb_4bit_compute_dtype"] = "float16"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main(argv)
+    run = json.loads((out / "train_run.json").read_text())
+    assert math.isfinite(run["train_loss"]) and math.isfinite(run["dev_loss"]) and run["steps"] == 2
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
