@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench  # noqa: E402
+import bench_device  # noqa: E402
+import bench_model  # noqa: E402
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -40,7 +41,7 @@ def run(cmd: list[str], log: Path) -> dict:
 
 
 def main() -> None:
-    parser = bench.script_parser(workdir="/tmp/bench-model")
+    parser = bench_model.script_parser(workdir="/tmp/bench-model")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--eval-limit", type=int, default=128)
     parser.add_argument("--variant", default="default", choices=["default", "card", "card-graphs"],
@@ -51,18 +52,18 @@ def main() -> None:
 
     import yaml
 
-    shape = bench.bench_shape(layers=args.layers)
+    shape = bench_model.bench_shape(layers=args.layers)
     model_dir = Path(args.workdir)
-    built = bench.build_model_dir(model_dir, shape, seed=0)
+    built = bench_model.build_model_dir(model_dir, shape, seed=0)
     run_dir = Path("/tmp/pipeline_8b")
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = bench.make_train_rows(8 * args.train_steps + 16, shape["vocab_size"], seed=0)
+    rows = bench_model.make_train_rows(8 * args.train_steps + 16, shape["vocab_size"], seed=0)
     write_rows(run_dir / "train.jsonl", rows[16:])
     write_rows(run_dir / "dev.jsonl", rows[:16])
-    prompts = bench.make_eval_prompts(args.eval_limit, shape["vocab_size"], seed=0)
+    prompts = bench_model.make_eval_prompts(args.eval_limit, shape["vocab_size"], seed=0)
     with open(run_dir / "test.jsonl", "w") as f:
         for i, p in enumerate(prompts):
-            f.write(json.dumps({"question": bench.as_question(p), "answer": f"#### {i}", "final": str(i)}) + "\n")
+            f.write(json.dumps({"question": bench_model.as_question(p), "answer": f"#### {i}", "final": str(i)}) + "\n")
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["model"]["name"] = str(model_dir)
@@ -77,7 +78,7 @@ def main() -> None:
         params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
                                use_liger_kernel=False, torch_compile=True, cuda_graphs=True,
                                gradient_checkpointing=False, eval_steps=max(args.train_steps // 2, 1))
-    params["evaluate"].update(max_new_tokens=256, limit=args.eval_limit, stop=[bench.PROBE_WORD])
+    params["evaluate"].update(max_new_tokens=256, limit=args.eval_limit, stop=[bench_model.PROBE_WORD])
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -94,14 +95,14 @@ def main() -> None:
                          str(run_dir / "eval.json"), "--predictions", str(run_dir / "predictions.jsonl")],
                         run_dir / "evaluate.log"),
     }
-    result = {"gpu": bench.gpu_name(), "versions": bench.versions(), "shape": shape, "model_build": built,
+    result = {"gpu": bench_device.gpu_name(), "versions": bench_device.versions(), "shape": shape, "model_build": built,
               "variant": args.variant, "params": {k: params[k] for k in ("train", "evaluate")}, "commands": steps}
     for name in ("train", "eval"):
         path = run_dir / f"{name}.json"
         result[f"{name}_metrics"] = json.loads(path.read_text()) if path.is_file() else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"pipeline_8b_{args.variant}_{bench.slug(result['gpu'])}.json"
+    target = out / f"pipeline_8b_{args.variant}_{bench_device.slug(result['gpu'])}.json"
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("train_metrics", "eval_metrics")}, indent=1))
 

@@ -16,11 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench  # noqa: E402
+import bench_device  # noqa: E402
+import bench_eval  # noqa: E402
+import bench_model  # noqa: E402
 
 
 def main() -> None:
-    parser = bench.script_parser(workdir="/dev/shm/bench-model")
+    parser = bench_model.script_parser(workdir="/dev/shm/bench-model")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
@@ -30,27 +32,27 @@ def main() -> None:
 
     from stages.config import EvaluateParams
 
-    shape = bench.bench_shape(layers=args.layers)
-    bench.build_model_dir(Path(args.workdir), shape, seed=0)
-    model, tokenizer = bench.load_project_model(args.workdir, dequantize=True)
+    shape = bench_model.bench_shape(layers=args.layers)
+    bench_model.build_model_dir(Path(args.workdir), shape, seed=0)
+    model, tokenizer = bench_eval.load_project_model(args.workdir, dequantize=True)
     device = next(model.parameters()).device
-    prompts = bench.make_eval_prompts(args.batch, shape["vocab_size"], seed=0)
+    prompts = bench_model.make_eval_prompts(args.batch, shape["vocab_size"], seed=0)
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     n = args.new_tokens
     stop = StoppingCriteriaList([StopStringCriteria(tokenizer, EvaluateParams().stop)])
-    results = {"gpu": bench.gpu_name(), "versions": bench.versions(), "batch": args.batch, "prompt_width": width,
+    results = {"gpu": bench_device.gpu_name(), "versions": bench_device.versions(), "batch": args.batch, "prompt_width": width,
                "new_tokens": n}
 
     def timed(fn, repeat=2):
         times = []
         for _ in range(repeat):
-            bench.sync()
+            bench_device.sync()
             t = time.perf_counter()
             fn()
-            bench.sync()
+            bench_device.sync()
             times.append(round(time.perf_counter() - t, 3))
         return times
 
@@ -61,13 +63,13 @@ def main() -> None:
             out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             m = mask
-            bench.sync()
+            bench_device.sync()
             t = time.perf_counter()
             for _ in range(n):
                 m = torch.cat([m, torch.ones_like(nxt)], dim=1)
                 out = model(input_ids=nxt, attention_mask=m, past_key_values=cache, use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
-            bench.sync()
+            bench_device.sync()
             results.setdefault("forward_ms_per_step", []).append(round(1000 * (time.perf_counter() - t) / n, 1))
 
         timed(forward_steps)
@@ -100,7 +102,7 @@ def main() -> None:
     print(table_cuda)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_generate_{bench.slug(results['gpu'])}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"profile_generate_{bench_device.slug(results['gpu'])}.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,16 +18,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench  # noqa: E402
+import bench_device  # noqa: E402
+import bench_model  # noqa: E402
+import bench_train  # noqa: E402
 
 
 def main() -> None:
-    parser = bench.script_parser(workdir="/dev/shm/bench-model")
+    parser = bench_model.script_parser(workdir="/dev/shm/bench-model")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: bench.py's 2-layer hidden-64 shape")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default="card,card+compile-checkpointing")
     args = parser.parse_args()
-    bench.quiet_libraries()
+    bench_device.quiet_libraries()
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -35,11 +37,11 @@ def main() -> None:
 
     from stages.config import TrainParams
 
-    shape = bench.bench_shape(args.tiny, args.layers)
-    bench.build_model_dir(Path(args.workdir), shape, seed=0)
+    shape = bench_model.bench_shape(args.tiny, args.layers)
+    bench_model.build_model_dir(Path(args.workdir), shape, seed=0)
     steps = args.warmup + 1
-    rows = bench.make_train_rows(steps * bench.EFFECTIVE_BATCH, shape["vocab_size"], seed=42)
-    results = {"gpu": bench.gpu_name(), "versions": bench.versions(), "warmup_steps": args.warmup, "variants": {}}
+    rows = bench_model.make_train_rows(steps * bench_model.EFFECTIVE_BATCH, shape["vocab_size"], seed=42)
+    results = {"gpu": bench_device.gpu_name(), "versions": bench_device.versions(), "warmup_steps": args.warmup, "variants": {}}
 
     class ProfileOneStep(TrainerCallback):
         def __init__(self):
@@ -47,14 +49,14 @@ def main() -> None:
 
         def on_step_begin(self, args_, state, control, **kwargs):
             if state.global_step == args.warmup:
-                bench.sync()
+                bench_device.sync()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
                 self.start = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kwargs):
             if self.prof is not None and self.wall is None:
-                bench.sync()
+                bench_device.sync()
                 self.wall = time.perf_counter() - self.start
                 self.prof.__exit__(None, None, None)
 
@@ -62,10 +64,10 @@ def main() -> None:
         train_p = dataclasses.replace(TrainParams(lora_r=32, lora_alpha=16, lora_dropout=0.05,
                                                   lora_target_modules="all-linear", max_steps=steps, seed=42,
                                                   use_liger_kernel=False),
-                                      **bench.TRAIN_VARIANTS[name])
+                                      **bench_train.TRAIN_VARIANTS[name])
         hook = ProfileOneStep()
-        with bench.undo_module_patches():
-            figures = bench.train_project(args.workdir, rows, steps, args.warmup - 1, train_p, 42, None, (hook,))
+        with bench_train.undo_module_patches():
+            figures = bench_train.train_project(args.workdir, rows, steps, args.warmup - 1, train_p, 42, None, (hook,))
         events = hook.prof.key_averages()
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
         kernels = [e for e in hook.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -79,10 +81,10 @@ def main() -> None:
         }
         print(name, {k: v for k, v in results["variants"][name].items() if not k.startswith("top")}, flush=True)
         print(results["variants"][name]["top_host"], flush=True)
-        bench.free_memory()
+        bench_device.free_memory()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile_train_{bench.slug(results['gpu'])}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"profile_train_{bench_device.slug(results['gpu'])}.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
