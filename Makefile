@@ -8,11 +8,13 @@ STAMP := $(VENV)/.installed-requirements
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # The offline demo: a tiny Llama built locally, GSM8K-style problems from reasoning-gym. The model
-# path is absolute so that queued experiments (run in temporary clones) find it too.
+# path is absolute so that queued experiments (run in temporary clones) find it too. The demo sets
+# these values in params.yaml (in place: `git diff params.yaml` shows just them) and records the run
+# as the experiment `demo`; `git checkout params.yaml` goes back to the real 8B run.
 DEMO_MODEL := models/tiny-llama
-DEMO_PARAMS := -S model.name=$(CURDIR)/$(DEMO_MODEL) -S data.source=gsm_symbolic -S data.num_problems=300 \
-	-S data.dev_size=20 -S train.max_length=384 -S train.logging_steps=2 -S train.eval_steps=10 \
-	-S train.save_steps=10 -S evaluate.max_new_tokens=48 -S evaluate.batch_size=32
+DEMO_SETTINGS := model.name=$(CURDIR)/$(DEMO_MODEL) data.source=gsm_symbolic data.num_problems=300 \
+	data.dev_size=20 train.max_length=384 train.logging_steps=2 train.eval_steps=10 \
+	train.save_steps=10 evaluate.max_new_tokens=48 evaluate.batch_size=32
 
 .PHONY: install demo test clean-demo
 
@@ -28,7 +30,8 @@ $(DEMO_MODEL): | $(STAMP)
 	python -m stages.tiny_model $(DEMO_MODEL)
 
 demo: $(STAMP) $(DEMO_MODEL)
-	dvc exp run $(DEMO_PARAMS)
+	python -m stages.set_params params.yaml $(DEMO_SETTINGS)
+	dvc exp run --force --name demo
 	dvc metrics show
 
 test: $(STAMP)

@@ -49,7 +49,7 @@ from stages.io import write_json  # noqa: E402  (light imports only, here and in
 
 from bench_device import (free_memory, gpu_name, peak_memory, quiet_libraries, release, reset_peak,  # noqa: E402
                           slug, versions)
-from bench_eval import (EVAL_VARIANTS, engine_agreement, engine_checks, eval_baseline, eval_project,  # noqa: E402
+from bench_eval import (EVAL_VARIANTS, auto_batch, engine_agreement, engine_checks, eval_baseline, eval_project,  # noqa: E402
                         load_project_model)
 from bench_model import (EFFECTIVE_BATCH, EVAL_LENGTHS, GSM8K_TEST_SIZE, TRAIN_LENGTHS, bench_shape,  # noqa: E402
                          build_model_dir, default_workdir, existing_shape_matches, make_eval_prompts, make_train_rows)
@@ -243,6 +243,8 @@ def eval_plan(args) -> dict:
         "baseline_4bit_b64": (four_bit, small, "generate", "plain"),
         "static_b128": (static, large // 2, "static", "dequant"),
         "static_b256": (static, large, "static", "dequant"),
+        # evaluate.batch_size: auto, sized from the free memory once the model is loaded (440 for the plan)
+        "static_auto": (static, large * 2 if not args.tiny else large, "static", "dequant"),
         "generate_b256": (dequant, large, "generate", "dequant"),
         "generate_b128": (dequant, large // 2, "generate", "dequant"),
         "4bit_b64": (four_bit, small, "generate", "4bit"),
@@ -385,8 +387,12 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             if not loaded:
                 model, tokenizer = load_project_model(str(workdir), dequantize=kind == "dequant")
                 loaded.update(kind=kind, model=model, tokenizer=tokenizer)
+            if name == "static_auto":
+                batch = auto_batch(str(workdir), loaded["model"], prompts[:n], args.new_tokens, n) if not args.tiny \
+                    else batch
             figures = eval_project(loaded["model"], loaded["tokenizer"], prompts[:n], batch, args.new_tokens, engine,
                                    GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE)
+            figures["batch_size"] = batch
             texts[name] = figures.pop("texts")
             return figures
 

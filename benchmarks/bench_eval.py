@@ -18,7 +18,8 @@ from bench_model import as_question, load_plain_4bit
 # Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
 # variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
 # "generate" transformers' generate() on the same model (evaluate.engine: generate).
-EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_b256", "generate_b256", "generate_b128", "4bit_b64")
+EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_auto", "static_b256", "generate_b256", "generate_b128",
+                 "4bit_b64")
 
 
 def full_split_wall(wall_s: float, batches_run: int, prompts_run: int, batch_size: int, n_full: int) -> float:
@@ -74,6 +75,22 @@ def load_project_model(workdir: str, dequantize: bool):
     tokenizer = load_tokenizer(workdir)
     tokenizer.padding_side = "left"  # as stages.evaluate.main does
     return load_for_generation(ModelParams(name=workdir), adapter=None, dequantize=dequantize), tokenizer
+
+
+def auto_batch(workdir: str, model, prompts: list[list[int]], new_tokens: int, n_full: int) -> int:
+    """evaluate.batch_size: auto as the stage computes it (stages.memory.auto_eval_batch) for the
+    dequantized model, on the memory free before the model was loaded (free now + what torch holds)."""
+    import dataclasses
+
+    import torch
+
+    from stages import memory
+    from stages.config import EvaluateParams, ModelParams
+
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()
+    eval_p = EvaluateParams(max_new_tokens=new_tokens, batch_size="auto", stop=[])
+    return memory.auto_eval_batch(model.config.to_dict(), ModelParams(name=workdir), eval_p,
+                                  max(map(len, prompts)), free, n_full, merged_bf16=True)
 
 
 def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, new_tokens: int, engine: str,

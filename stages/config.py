@@ -223,7 +223,7 @@ class EvaluateParams:
     max_new_tokens: Optional[int] = None
     # Questions decoded together; "auto": the largest batch the memory estimate admits for the
     # GPU's free memory (stages/memory.py), at most the number of questions, printed before generating.
-    batch_size: int | str = 128
+    batch_size: int | str = "auto"
     # Optional cap on the number of questions, for quick runs.
     limit: Optional[int] = None
     # Generation stops at EOS or at the first of these strings; null: the protocol's own
@@ -284,12 +284,28 @@ class EvaluateParams:
             _check(self.greedy, "greedy", f"{self.protocol} decodes greedily (lm-eval's do_sample: false)")
 
 
+# The dtypes an export is saved in: float32 holds the merged W + BA as trained; bfloat16 is half the
+# size, each merged weight rounded once (stages/export.py, tests/test_export.py).
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    # dtype of the merged model that `dvc repro export/dvc.yaml` writes. float32: the trained model
+    # to float32 precision, 4 bytes per parameter (32 GB for 8B). bfloat16: 2 bytes per parameter,
+    # and the same weights a bf16 server makes of the float32 export.
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check(self.dtype in EXPORT_DTYPES, "dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+
 SECTIONS = {
     "data": DataParams,
     "model": ModelParams,
     "prompt": PromptParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
 }
 
 

@@ -321,7 +321,10 @@ def stop_on_non_finite(trainer, learning_rate: float, max_grad_norm: float) -> N
         value = float(loss.item())
         if not math.isfinite(value):
             raise UserError(non_finite_message("training loss", value, current, learning_rate, max_grad_norm))
-        if trainer.accelerator.sync_gradients:
+        # Under fp16's GradScaler the gradients are scaled, and an inf among them is the scaler's
+        # signal to skip that step and lower the scale (measured on the H200: step 1 of an fp16 run),
+        # not divergence; the loss is still checked at every micro-batch.
+        if trainer.accelerator.sync_gradients and getattr(trainer.accelerator, "scaler", None) is None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if not math.isfinite(norm):
@@ -337,7 +340,10 @@ def stop_on_non_finite(trainer, learning_rate: float, max_grad_norm: float) -> N
                 raise UserError(non_finite_message("dev loss", value, state.global_step, learning_rate, max_grad_norm))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            scaled = getattr(trainer.accelerator, "scaler", None) is not None
             for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+                if key == "grad_norm" and scaled:
+                    continue
                 value = (logs or {}).get(key)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise UserError(non_finite_message(what, value, state.global_step, learning_rate, max_grad_norm))

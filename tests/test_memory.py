@@ -420,3 +420,14 @@ def test_memory_check_runs_the_stages_code_on_cpu(tmp_path):
     assert train["measured"]["losses_finite"] and train["estimate"]["tokens"] == train["setting"]["tokens"]
     assert cases["eval_default"]["measured"]["generated_tokens"] == 8 * 8
     assert out.with_suffix(".md").read_text().count("| tiny |") == 2
+    # each case ran in its own process; eval_default loaded the adapter train_default saved
+    assert cases["eval_default"]["setting"]["adapter"] and cases["eval_default"]["inputs"]["adapter"]
+    assert {"config", "model", "train", "dev_batch_size", "tokens"} <= set(train["inputs"])
+    # --report recomputes the same estimates from the recorded inputs, with no model
+    estimates = {c["case"]: c["estimate"] for c in result["cases"]}
+    report = subprocess.run([sys.executable, "benchmarks/memory_check.py", "--report", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    again = json.loads(out.read_text())
+    assert {c["case"]: c["estimate"] for c in again["cases"]} == estimates
+    assert "--report" in out.with_suffix(".md").read_text()

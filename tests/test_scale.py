@@ -94,7 +94,7 @@ def test_two_process_training_matches_one_and_only_rank_zero_writes(ddp, name):
     # Rank 0 alone saves, logs and reports: one summary line, one set of outputs, no leftover
     # temporary directories from a second rank's atomic write, each step logged once.
     assert stdouts[name].count("train: {") == 1
-    assert sorted(p.name for p in two.iterdir()) == ["adapter", "live", "train.json"]
+    assert sorted(p.name for p in two.iterdir()) == ["adapter", "live", "losses.json", "train.json"]
     curve_one, curve_two = loss_curve(one / "live"), loss_curve(two / "live")
     assert [step for step, _ in curve_two] == [1, 2, 3, 4]
 
@@ -213,7 +213,7 @@ def test_fresh_clone_pulls_results_from_the_shared_remote_instead_of_rerunning(s
     assert not (clone / "checkpoints/sft_lora").exists()
     run(["dvc", "pull"], clone, env)
     # The fingerprint stage is always out of date by design (it looks at what model.name points to).
-    assert json.loads(run(["dvc", "status", "--json"], clone, env)) == {"fingerprint": ["always changed"]}
+    assert json.loads(run(["dvc", "status", "dvc.yaml", "--json"], clone, env)) == {"fingerprint": ["always changed"]}
     assert only_the_fingerprint_ran(run(["dvc", "repro"], clone, env))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (clone / "checkpoints/sft_lora" / name).read_bytes() == (root / "checkpoints/sft_lora" / name).read_bytes()
