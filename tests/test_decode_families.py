@@ -115,14 +115,14 @@ def test_the_layer_types_are_the_ones_each_case_is_meant_to_test(tokenizer):
 def refused(model, tokenizer):
     """The one-line UserError of stages.evaluate.generate (static engine), checking that the model
     never ran."""
-    from stages.evaluate import generate
+    from stages.evaluate import generate_questions
     from stages.io import UserError
 
     calls = []
     model.register_forward_pre_hook(lambda *args: calls.append(1))
     with pytest.raises(UserError) as error:
-        generate(model, tokenizer, PROMPT, EvaluateParams(max_new_tokens=4, batch_size=2), QUESTIONS[:2],
-                 show_progress=False)
+        generate_questions(model, tokenizer, PROMPT, EvaluateParams(max_new_tokens=4, batch_size=2), QUESTIONS[:2],
+                           show_progress=False)
     assert not calls, "refused only after generating"
     message = str(error.value)
     assert "\n" not in message and message.startswith("params.yaml: evaluate.engine: static cannot decode")
