@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 from stages.config import EvaluateParams, ModelParams, PromptParams, load_params
-from stages.io import UserError, cli, read_jsonl, write_json, write_jsonl
+from stages.io import UserError, check_writable, cli, read_jsonl, write_json, write_jsonl
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -209,24 +208,6 @@ def check_adapter(adapter: str) -> None:
                         "run the train stage first (`dvc repro train`)")
 
 
-def check_writable(path: str, flag: str) -> None:
-    """The outputs are written only once every question is generated (hours for an 8B model): make sure
-    they can be, first. Probes as write_json does (a temporary entry in the file's directory, then a
-    rename), in the nearest existing directory when the file's own is yet to be created; leaves nothing."""
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{flag} {path}: is a directory, not a file")
-    directory = target.parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    if not directory.is_dir():
-        raise UserError(f"{flag} {path}: cannot be created ({directory} is not a directory)")
-    try:
-        Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=directory)).rmdir()
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot be written ({directory}: {exc.strerror or exc})") from None
-
-
 def select_rows(rows: list[dict], eval_p: EvaluateParams, where: str) -> list[dict]:
     if not rows:
         raise UserError(f"{where}: no rows (empty split)")
@@ -296,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     # Every prompt, its ids, the stops and the budget, checked (chat template, few-shot pool, no
     # evaluated question among the examples) before the model is loaded.
     plan = P.plan(protocol, tokenizer, config, rows, pool, where=args.fewshot_file or "the few-shot pool")
-    limit = P.context_limit(config, tokenizer, protocol)
+    limit = plan.context_limit
     truncated = sum(len(ids) == limit for ids in plan.input_ids)
     if truncated:
         print(f"evaluate: warning: {truncated} of {len(rows)} prompts were cut to their last {limit} tokens "

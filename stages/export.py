@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import tempfile
 from pathlib import Path
 
 from stages.config import ModelParams, load_params
-from stages.io import UserError, atomic_path, cli
+from stages.io import UserError, atomic_path, check_writable, cli
 
 PROVENANCE = "export.json"
 # Written by every tokenizer's save_pretrained, fast or slow (whose other files differ).
@@ -55,23 +54,12 @@ def check_adapter(adapter: str, model_p: ModelParams) -> None:
 
 def check_out(out: str, adapter: str) -> None:
     """The export directory is written whole at the end (minutes for an 8B model): check first that it
-    can be, by creating and removing a sibling temporary directory as atomic_path will."""
-    target = Path(out)
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {out}: is a file, not a directory")
+    can be, as atomic_path will write it, and that replacing it cannot delete the adapter."""
+    check_writable(out, "--out", directory=True)
     # The old export is deleted when the new one is renamed into place: never with the adapter in it.
-    here, source = target.resolve(), Path(adapter).resolve()
+    here, source = Path(out).resolve(), Path(adapter).resolve()
     if here == source or source in here.parents or here in source.parents:
         raise UserError(f"--out {out}: overlaps the adapter directory {adapter}; choose another directory")
-    directory = target.parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    if not directory.is_dir():
-        raise UserError(f"--out {out}: cannot be created ({directory} is not a directory)")
-    try:
-        Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=directory)).rmdir()
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot be written ({directory}: {exc.strerror or exc})") from None
 
 
 def merged_model(model_p: ModelParams, adapter: str, dtype: str):

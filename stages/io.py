@@ -58,6 +58,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(path: str, flag: str, directory: bool = False) -> None:
+    """An output written only at the end of long work (hours of generation, minutes of merging):
+    check first that it can be. Probes as atomic_path writes (a temporary entry in the target's
+    directory, then a rename), in the nearest existing directory when the target's own is yet to be
+    created; leaves nothing. `directory`: the output is a directory, else a file."""
+    target = Path(path)
+    if directory and target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a directory")
+    if not directory and target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory, not a file")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: cannot be created ({parent} is not a directory)")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)).rmdir()
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot be written ({parent}: {exc.strerror or exc})") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

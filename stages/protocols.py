@@ -327,6 +327,7 @@ class Plan:
     input_ids: list[list[int]]
     stop: list[str]
     max_new_tokens: int
+    context_limit: int  # most prompt tokens kept (context_limit()): a prompt this long was cut
 
 
 def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],
@@ -338,7 +339,7 @@ def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot
     prompts = [render_prompt(protocol, tokenizer, row["question"], ex) for row, ex in zip(rows, examples)]
     limit = context_limit(config, tokenizer, protocol)
     return Plan(protocol, prompts, [encode_context(tokenizer, p, protocol, limit) for p in prompts],
-                stop_strings(protocol, tokenizer), protocol.max_new_tokens)
+                stop_strings(protocol, tokenizer), protocol.max_new_tokens, limit)
 
 
 def check(protocol: Protocol, tokenizer, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],

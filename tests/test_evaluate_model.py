@@ -18,19 +18,17 @@ def rows(n=16):
              "answer": f"Sam has {i} + {i + 2} = {2 * i + 2} pens.\n#### {2 * i + 2}"} for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """A short QLoRA run in bf16 compute dtype (the default), its trainer and its saved adapter."""
+def train_adapter(tmp, model_dir, steps: int):
+    """A short QLoRA run of the tiny model through stages.train.build_trainer, its adapter saved with
+    the tokenizer (as the train stage saves it): (ModelParams, trained model, adapter dir)."""
     from datasets import Dataset
     from transformers import set_seed
 
     from stages.modeling import load_tokenizer
     from stages.train import build_trainer, tokenize_rows
 
-    tmp = tmp_path_factory.mktemp("trained")
-    model_p = ModelParams(name=str(tiny_model_dir))
-    assert model_p.load_in_4bit and model_p.bnb_4bit_compute_dtype == "bfloat16"
-    train_p = TrainParams(max_steps=10, max_length=384, warmup_ratio=0.0, logging_steps=10)
+    model_p = ModelParams(name=str(model_dir))
+    train_p = TrainParams(max_steps=steps, max_length=384, warmup_ratio=0.0, logging_steps=steps)
     tokenizer = load_tokenizer(model_p.name)
     tokenized, _ = tokenize_rows(tokenizer, PromptParams(), rows(), train_p.max_length, "rows")
     set_seed(0)
@@ -39,7 +37,16 @@ def trained(tiny_model_dir, tmp_path_factory):
                             save_strategy="no", disable_tqdm=True)
     trainer.train()
     trainer.model.save_pretrained(tmp / "adapter")
+    tokenizer.save_pretrained(tmp / "adapter")
     return model_p, trainer.model.eval(), str(tmp / "adapter")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A short QLoRA run in bf16 compute dtype (the default), its trainer and its saved adapter."""
+    model_p, model, adapter = train_adapter(tmp_path_factory.mktemp("trained"), tiny_model_dir, 10)
+    assert model_p.load_in_4bit and model_p.bnb_4bit_compute_dtype == "bfloat16"
+    return model_p, model, adapter
 
 
 INPUTS = torch.randint(3, 300, (4, 48), generator=torch.Generator().manual_seed(0))

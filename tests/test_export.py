@@ -24,10 +24,10 @@ import pytest
 import torch
 import yaml
 
-from stages.config import ModelParams, PromptParams, TrainParams
+from stages.config import ModelParams
 from tests.committed import REPO, committed_params
 from tests.test_evaluate_inputs import read_only_dir  # noqa: F401  (a fixture: a directory root cannot write to)
-from tests.test_evaluate_model import rows
+from tests.test_evaluate_model import train_adapter
 
 MERGE_BOUND = 1e-4       # float32 export vs the same weights unmerged in float32 (measured ~4e-6)
 FLOAT32_BOUND = 0.10     # float32 export vs evaluate (measured 0.085: evaluate's bf16 arithmetic)
@@ -43,25 +43,8 @@ def logits(model):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """A saved adapter (with its tokenizer, as the train stage saves it) after 28 QLoRA steps."""
-    from datasets import Dataset
-    from transformers import set_seed
-
-    from stages.modeling import load_tokenizer
-    from stages.train import build_trainer, tokenize_rows
-
-    tmp = tmp_path_factory.mktemp("export_trained")
-    model_p = ModelParams(name=str(tiny_model_dir))
-    train_p = TrainParams(max_steps=28, max_length=384, warmup_ratio=0.0, logging_steps=28)
-    tokenizer = load_tokenizer(model_p.name)
-    tokenized, _ = tokenize_rows(tokenizer, PromptParams(), rows(), train_p.max_length, "rows")
-    set_seed(0)
-    trainer = build_trainer(model_p, train_p, tokenizer, Dataset.from_list(tokenized),
-                            Dataset.from_list(tokenized[:4]), str(tmp / "run"), eval_strategy="no",
-                            save_strategy="no", disable_tqdm=True)
-    trainer.train()
-    trainer.model.save_pretrained(tmp / "adapter")
-    tokenizer.save_pretrained(tmp / "adapter")
-    return model_p, str(tmp / "adapter")
+    model_p, _, adapter = train_adapter(tmp_path_factory.mktemp("export_trained"), tiny_model_dir, 28)
+    return model_p, adapter
 
 
 def write_params(path: Path, model_p: ModelParams, dtype: str = "float32") -> Path:
