@@ -7,16 +7,18 @@ STAMP := $(VENV)/.installed-requirements
 # Stage commands call `python`/`dvc`: make them the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-# The offline demo: a tiny Llama built locally, GSM8K-style problems from reasoning-gym. The model
-# path is absolute so that queued experiments (run in temporary clones) find it too. The demo sets
-# these values in params.yaml (in place: `git diff params.yaml` shows just them) and records the run
-# as the experiment `demo`; `git checkout params.yaml` goes back to the real 8B run.
-DEMO_MODEL := models/tiny-llama
-DEMO_SETTINGS := model.name=$(CURDIR)/$(DEMO_MODEL) data.source=gsm_symbolic data.num_problems=300 \
-	data.dev_size=20 train.max_length=384 train.logging_steps=2 train.eval_steps=10 \
-	train.save_steps=10 evaluate.max_new_tokens=48 evaluate.batch_size=32
+# The offline demo runs in demo/, a clone of this checkout's commit: this checkout is left as it was
+# (demo/ is git-ignored here; `rm -rf demo` removes it all). A tiny Llama is built there, GSM8K-style
+# problems come from reasoning-gym, runs are short. In demo/ the demo values are committed
+# (params.yaml + dvc.lock, no results) so that experiments are compared against them, and the run
+# is recorded as the experiment `demo`. The model path is absolute so that queued experiments
+# (run in temporary clones) find it too.
+DEMO := demo
+DEMO_SETTINGS := model.name=$(CURDIR)/$(DEMO)/models/tiny-llama data.source=gsm_symbolic data.num_problems=200 \
+	data.dev_size=16 train.max_length=384 train.logging_steps=2 train.eval_steps=6 train.save_steps=6 \
+	evaluate.max_new_tokens=48 evaluate.batch_size=32
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test
 
 install: $(STAMP)
 
@@ -26,16 +28,20 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-$(DEMO_MODEL): | $(STAMP)
-	python -m stages.tiny_model $(DEMO_MODEL)
-
-demo: $(STAMP) $(DEMO_MODEL)
-	python -m stages.set_params params.yaml $(DEMO_SETTINGS)
-	dvc exp run --force --name demo
-	dvc metrics show
+demo: $(STAMP)
+	@if [ -e $(DEMO) ]; then echo "make demo: $(DEMO)/ exists (an earlier demo); rm -rf $(DEMO) to run it again" >&2; exit 2; fi
+	git clone -q . $(DEMO)
+	ln -s $(CURDIR)/$(VENV) $(DEMO)/$(VENV)
+	@# dvc exp run commits: a clone on a machine with no git identity gets one of its own.
+	cd $(DEMO) && { git config user.email >/dev/null || git config user.email demo@localhost; } && \
+		{ git config user.name >/dev/null || git config user.name "make demo"; }
+	cd $(DEMO) && python -m stages.tiny_model models/tiny-llama
+	cd $(DEMO) && python -m stages.set_params params.yaml $(DEMO_SETTINGS)
+	cd $(DEMO) && dvc repro
+	cd $(DEMO) && git add params.yaml dvc.lock && git commit -qm "make demo: the demo settings"
+	cd $(DEMO) && dvc exp run --quiet --name demo
+	cd $(DEMO) && dvc metrics show
+	@echo "make demo: done; next: cd $(DEMO) && source .venv/bin/activate (README: Two commands)"
 
 test: $(STAMP)
 	python -m pytest -q
-
-clean-demo:
-	rm -rf $(DEMO_MODEL)

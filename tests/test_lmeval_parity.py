@@ -319,13 +319,14 @@ def test_lm_eval_run_agrees_question_by_question(ours, lm_eval_runs, name):
     truncated = sum(len(ids) == limit for ids in plan.input_ids)
     same_batched = sum(a["generated"] == b["generated"] for a, b in zip(predictions, batched[1]))
     print(f"\n{name}: of {N} questions, agree on {agree} ({truncated} prompts left-truncated to {limit} tokens); "
-          f"exact_match ours {metrics['exact_match']} / flexible {metrics['exact_match_flexible']}, lm-eval "
+          f"exact_match ours {metrics['exact_match']} / flexible {run_info['exact_match_flexible']}, lm-eval "
           f"{aggregate['exact_match,strict-match']} / {aggregate['exact_match,flexible-extract']}; "
           f"batch {N} vs batch 1: {same_batched} of {N} generations identical")
     assert agree == dict.fromkeys(agree, N)
-    assert (metrics["exact_match"], metrics["exact_match_flexible"]) == \
+    assert metrics == {"exact_match": run_info["exact_match"]}
+    assert (run_info["exact_match"], run_info["exact_match_flexible"]) == \
         (aggregate["exact_match,strict-match"], aggregate["exact_match,flexible-extract"])
-    assert metrics["protocol"] == name and run_info["protocol"]["name"] == name and run_info["truncated_prompts"] \
+    assert run_info["protocol"]["name"] == name and run_info["truncated_prompts"] \
         == truncated
     # Padding all questions into one batch moved nothing on the tiny model (float32).
     assert same_batched == N and batched[0] == metrics
@@ -338,8 +339,8 @@ def test_lm_eval_think_end_token_agrees(tiny_model_dir, tmp_path, lm_eval_runs):
     """evaluate.think_end with unclosed_thinking: keep is lm-eval's think_end_token, through the stage."""
     _, runs = lm_eval_runs
     marker, (docs, aggregate) = runs["think"]
-    metrics, predictions, _ = run_evaluate(tmp_path, tiny_model_dir, "lm_eval_gsm8k", think_end=marker,
-                                           unclosed_thinking="keep")
+    _, predictions, run_info = run_evaluate(tmp_path, tiny_model_dir, "lm_eval_gsm8k", think_end=marker,
+                                            unclosed_thinking="keep")
     agree = sum(record["response"] == samples["strict-match"]["resps"][0][0]
                 and (record["extracted_flexible"], float(record["correct_flexible"]))
                 == (samples["flexible-extract"]["filtered_resps"][0], samples["flexible-extract"]["exact_match"])
@@ -347,4 +348,4 @@ def test_lm_eval_think_end_token_agrees(tiny_model_dir, tmp_path, lm_eval_runs):
     closed = sum(record["thinking_closed"] for record in predictions)
     print(f"\nthink_end_token={marker!r}: closed in {closed} of {N}; agree on {agree} of {N}")
     assert agree == N and closed >= 1
-    assert metrics["exact_match_flexible"] == aggregate["exact_match,flexible-extract"]
+    assert run_info["exact_match_flexible"] == aggregate["exact_match,flexible-extract"]

@@ -136,7 +136,7 @@ def test_two_process_evaluation_gathers_the_same_predictions_in_question_order(d
     assert run2.pop("num_processes") == 2 and run1.pop("num_processes") == 1
     for timing in ("generated_tokens_per_second", "wall_seconds"):
         run1.pop(timing), run2.pop(timing)
-    assert metrics2 == metrics1 and metrics1["n"] == 7 and run2 == run1
+    assert metrics2 == metrics1 and run1["n"] == 7 and run2 == run1
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_queued_sweep_runs_in_parallel_workers(small_project, tmp_path):
         data = experiments[f"sweep-r{r}"]
         assert data["params"]["params.yaml"]["data"]["train"]["lora_r"] == r
         evaluation = data["metrics"]["metrics/eval.json"]["data"]
-        assert 0 <= evaluation["exact_match"] <= 1 and evaluation["n"] == 4
+        assert evaluation.keys() == {"exact_match"} and 0 <= evaluation["exact_match"] <= 1
 
 
 def only_the_fingerprint_ran(out: str) -> bool:
