@@ -11,8 +11,13 @@ What it refuses to do: start a second trainer on a --resume-dir another one is u
 load the model before the params and output locations are checked (`check_output_locations`,
 `check_target_modules`), and save or report anything from a run whose loss or gradients went
 non-finite (`stop_on_non_finite`) or whose checkpoint could not be written (`name_save_errors`).
-After a resume, metrics/train.json and the curves describe the whole run, not the last process
-(`RunClock`, `whole_run_loss_mean`).
+After a resume, the dev loss (--metrics), the run's facts (--run-info) and the curves describe the whole
+run, not the last process (`RunClock`, `whole_run_loss_mean`).
+
+What it prints: a line for each thing worth knowing before training (a resume, rows cut at max_length,
+a setting that does nothing on this machine), the Trainer's one progress bar with the latest losses
+in its postfix (`LossInProgressBar`), and one summary line at the end (`summary_line`). Known
+harmless library warnings are filtered at their source (stages/quiet.py).
 """
 from __future__ import annotations
 
@@ -79,6 +84,9 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
                         "pip install -r requirements-gpu.txt, or set it to false")
     if train.use_liger_kernel and not on_gpu:
         print("train: train.use_liger_kernel ignored: Liger's kernels need CUDA")
+    if train.optim.startswith("paged_") and not on_gpu:
+        # In place of bitsandbytes' own warning (filtered in stages/quiet.py), which reads like a failure.
+        print(f"train: {train.optim} runs unpaged on CPU (bitsandbytes has no paged memory without CUDA)")
     micro_batch, accumulation = per_rank_batch(world_size, train.per_device_train_batch_size,
                                                train.gradient_accumulation_steps)
     kwargs = dict(
@@ -95,8 +103,10 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=train.optim,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # transformers 5.23's names for gradient checkpointing (the old ones are deprecated aliases that
+        # it copies into these, with a FutureWarning); TRL 1.16 reads the old names, which mirror these.
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # Rows arrive tokenized and already cut to max_length (stages.modeling.tokenize_example), so
         # the padded and the padding-free path see the same tokens; TRL refuses max_length with
         # padding_free because it would not enforce it.
@@ -119,6 +129,8 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
         report_to="none",  # DVCLive is attached explicitly, so its directory is the one dvc.yaml names
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        # Pinned host memory only speeds up copies to a GPU; without one, torch warns and ignores it.
+        dataloader_pin_memory=on_gpu,
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
@@ -547,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev-file", required=True)
     parser.add_argument("--output-dir", required=True, help="final adapter + tokenizer")
     parser.add_argument("--resume-dir", required=True, help="intermediate checkpoints (kept across interruptions)")
-    parser.add_argument("--metrics", required=True, help="JSON of the losses (a DVC metric)")
+    parser.add_argument("--metrics", required=True, help="JSON of the dev loss (the DVC metric)")
     parser.add_argument("--run-info", default=None, help="JSON of how it ran: losses, steps, time, tokens/s, peak memory")
     parser.add_argument("--live-dir", default=None, help="DVCLive directory for loss curves")
     args = parser.parse_args(argv)
@@ -598,8 +610,10 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
     resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
     progress = read_progress(resume_from)
 
-    trainer = build_trainer(model_p, train_p, tokenizer, Dataset.from_list(train_tok), Dataset.from_list(dev_tok),
-                            args.resume_dir, world_size)
+    with library_progress_bars_off():
+        trainer = build_trainer(model_p, train_p, tokenizer, Dataset.from_list(train_tok), Dataset.from_list(dev_tok),
+                                args.resume_dir, world_size)
+    show_losses_in_progress_bar(trainer)
     stop_on_non_finite(trainer, train_p.learning_rate, train_p.max_grad_norm)
     name_save_errors(trainer)
     clock = add_run_callbacks(trainer, progress, args.live_dir, resumed_step)
@@ -651,12 +665,13 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
         if not is_write_error(exc):
             raise
         raise UserError(save_failed_message(args.output_dir, exc, then)) from None
-    # The metric holds the losses only: `dvc exp show` puts every metric in a column, and the
-    # run's facts (time, speed, memory) differ between any two runs.
-    losses_only = {k: metrics[k] for k in ("train_loss", "dev_loss")}
+    # The metric holds the dev loss only: `dvc exp show` puts every metric in a column, the run's facts
+    # (time, speed, memory) differ between any two runs, and the training loss (a mean over the last
+    # logging window, noisy) is what the curves and the run-info file are for.
+    dev_only = {"dev_loss": metrics["dev_loss"]}
     written = [(args.run_info, metrics)] if args.run_info else []
     try:
-        for path, content in written + [(args.metrics, losses_only)]:  # the metric last: it says "done"
+        for path, content in written + [(args.metrics, dev_only)]:  # the metric last: it says "done"
             write_json(path, content)
     except OSError as exc:
         # A new adapter next to the old metrics would be reported as the old result.
@@ -666,7 +681,78 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
         raise UserError(save_failed_message(path, exc, then)) from None
     # The adapter is saved; the intermediate checkpoints would only take disk.
     shutil.rmtree(args.resume_dir, ignore_errors=True)
-    print("train: " + json.dumps(metrics))
+    print(summary_line(metrics, train_seconds, args.output_dir))
+
+
+def summary_line(metrics: dict, train_seconds: float, output_dir: str) -> str:
+    """The stage's last line, from the run-info figures (which keep the full precision):
+    `train: 28 steps in 57.9 s (1,170 train tokens/s), train loss 6.269, dev loss 6.253 -> checkpoints/sft_lora`."""
+    steps = metrics["steps"]
+    resumed = f" (resumed from step {metrics['resumed_from_step']})" if metrics["resumed_from_step"] else ""
+    facts = [f"{metrics['train_tokens_per_second']:,.0f} train tokens/s"]
+    if metrics["world_size"] > 1:
+        facts.append(f"{metrics['world_size']} processes")
+    if metrics["peak_memory_gib"] is not None:
+        facts.append(f"peak GPU memory {metrics['peak_memory_gib']:.1f} GiB")
+    return (f"train: {steps} step{'' if steps == 1 else 's'}{resumed} in {train_seconds:.1f} s ({', '.join(facts)}), "
+            f"train loss {metrics['train_loss']:.4g}, dev loss {metrics['dev_loss']:.4g} -> {output_dir}")
+
+
+@contextlib.contextmanager
+def library_progress_bars_off():
+    """No progress bars from the libraries while the trainer is built: transformers' "Loading weights"
+    (seconds) and datasets' "Building labels for train dataset" (TRL's pass over rows that arrive
+    tokenized), so that the training bar is the stage's one bar. A download from the Hub keeps its bar
+    (huggingface_hub's own); an explicit HF_DATASETS_DISABLE_PROGRESS_BARS keeps the user's choice."""
+    import datasets.utils
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars = (not datasets.utils.are_progress_bars_disabled()
+                     and os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is None)
+    if datasets_bars:
+        datasets.utils.disable_progress_bars()
+    hook = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(hook)
+        if datasets_bars:
+            datasets.utils.enable_progress_bars()
+
+
+def show_losses_in_progress_bar(trainer) -> None:
+    """The Trainer's one progress bar, with the latest training and dev loss as its postfix.
+
+    transformers' ProgressCallback writes each log dict as a line under the bar (`{'loss': '6.261',
+    'grad_norm': ...}`, a dozen keys at every logging step) and draws a second bar for each dev pass;
+    the curves (DVCLive) and the run-info file keep every logged value already. This replaces it with
+    a subclass that does neither; the logs themselves are untouched (ProgressCallback only read them).
+    Under disable_tqdm the Trainer prints the dicts instead (PrinterCallback): then neither shows."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class LossInProgressBar(ProgressCallback):
+        def __init__(self):
+            super().__init__()
+            self.postfix: dict[str, str] = {}
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # a dev pass takes seconds; a bar of its own would break the training bar's line
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None:
+                return  # the final trainer.evaluate() runs after the bar is closed: its loss is in the summary
+            for key, name in (("loss", "loss"), ("eval_loss", "dev_loss")):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)):
+                    self.postfix[name] = f"{value:.4g}"
+            if self.postfix:
+                self.training_bar.set_postfix(self.postfix)
+
+    with_bar = not trainer.args.disable_tqdm
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if with_bar:
+        trainer.add_callback(LossInProgressBar())
 
 
 def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_ds, dev_ds, output_dir: str,
@@ -693,7 +779,29 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs)
     if train_p.cuda_graphs:
         evaluate_eagerly(trainer)
+    if train_p.padding_free:
+        train_without_cudnn_attention(trainer)
     return trainer
+
+
+def train_without_cudnn_attention(trainer) -> None:
+    """A padding-free micro-batch is one packed sequence whose length changes every step, and PyTorch's
+    cuDNN attention backend builds an execution plan for every new length: ~65 ms forward + ~72 ms
+    backward of host time on the H200, ~140 ms of a 0.9 s step (benchmarks/results/
+    diagnose_run15_nvidia-h200.md). The memory-efficient kernel needs no plan: with cuDNN left out,
+    padding-free training ran 1.25x faster (2,043 -> 2,563 tokens/s, Llama-3.1-8B shape), same peak
+    memory, per-step losses within 4e-4. The backend choice is process-wide, so it holds only while
+    train() runs (the dev passes inside it included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    train = trainer.train
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def train_without_cudnn(*args, **kwargs):
+        with sdpa_kernel(backends):
+            return train(*args, **kwargs)
+
+    trainer.train = train_without_cudnn
 
 
 def evaluate_eagerly(trainer) -> None:
