@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.out) as tmp:
         Path(tmp).write_text("\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in table])
                              + "\n", encoding="utf-8")
-    print("report: exact match by solution steps: " + ", ".join(
-        f"{r['steps']}: {r['fine_tuned']} vs {r['base']} ({r['questions']})" for r in table))
+    # One line whatever the number of step counts: the totals here, the rows in the CSV.
+    correct = {name: sum(bool(p.get("correct")) for p in predictions) for name, predictions in
+               (("fine_tuned", tuned), ("base", base))}
+    steps = f"{table[0]['steps']}-{table[-1]['steps']}" if len(table) > 1 else str(table[0]["steps"])
+    print(f"report: exact match {correct['fine_tuned']}/{len(tuned)} fine-tuned vs {correct['base']}/{len(base)} "
+          f"base; by solution steps ({steps}) in {args.out}")
 
 
 if __name__ == "__main__":

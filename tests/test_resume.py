@@ -112,7 +112,9 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(setup, stra
     # The killed trainer's lock went with it: the rerun is not refused.
     rerun = subprocess.run(train_cmd(params, data, killed), check=True, capture_output=True, text=True)
     assert "resuming from" in rerun.stdout and "checkpoint-4" in rerun.stdout
+    assert rerun.stdout.splitlines()[-1].startswith("train: 6 steps (resumed from step 4) in ")
     metrics = json.loads((killed / "train.json").read_text())
+    assert json.loads((killed / "losses.json").read_text()) == {"dev_loss": metrics["dev_loss"]}
     reference = json.loads((straight / "train.json").read_text())
     assert metrics["resumed_from_step"] == 4 and metrics["steps"] == reference["steps"] == 6
     a, b = adapter_tensors(straight), adapter_tensors(killed)

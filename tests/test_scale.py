@@ -9,7 +9,7 @@ import time
 
 import pytest
 import yaml
-from test_pipeline import REPO, project, run  # noqa: F401 (project: the DVC project fixture, reused)
+from tests.dvc_project import REPO, project, run  # noqa: F401 (project: the DVC project fixture)
 
 # One thread per process: two ranks (or two queued experiments) on a small CPU otherwise
 # oversubscribe its cores; two queued experiments took 30 s per tiny training step instead of 0.5 s.
@@ -93,7 +93,7 @@ def test_two_process_training_matches_one_and_only_rank_zero_writes(ddp, name):
 
     # Rank 0 alone saves, logs and reports: one summary line, one set of outputs, no leftover
     # temporary directories from a second rank's atomic write, each step logged once.
-    assert stdouts[name].count("train: {") == 1
+    assert sum(line.startswith("train: 4 steps") for line in stdouts[name].splitlines()) == 1
     assert sorted(p.name for p in two.iterdir()) == ["adapter", "live", "losses.json", "train.json"]
     curve_one, curve_two = loss_curve(one / "live"), loss_curve(two / "live")
     assert [step for step, _ in curve_two] == [1, 2, 3, 4]
@@ -123,7 +123,7 @@ def test_two_process_evaluation_gathers_the_same_predictions_in_question_order(d
             "--adapter", outs[BASELINE] / "results/adapter",
             "--metrics", root / f"eval{n}.json", "--run-info", root / f"run{n}.json",
             "--predictions", root / f"predictions{n}.jsonl"])
-        assert stdout.count("evaluate: train_prompt: exact_match") == 1, "only rank 0 reports"
+        assert stdout.count("evaluate: fine-tuned, train_prompt: exact_match") == 1, "only rank 0 reports"
         metrics = json.loads((root / f"eval{n}.json").read_text())
         run_info = json.loads((root / f"run{n}.json").read_text())
         predictions = [json.loads(line) for line in (root / f"predictions{n}.jsonl").read_text().splitlines()]
@@ -141,7 +141,7 @@ def test_two_process_evaluation_gathers_the_same_predictions_in_question_order(d
 
 @pytest.fixture(scope="module")
 def small_project(project):
-    """test_pipeline's project at the smallest sizes, reproduced once and committed."""
+    """tests.dvc_project's project at the smallest sizes, reproduced once and committed."""
     root, env = project
     env = {**env, **CPU_ENV}
     params = yaml.safe_load((root / "params.yaml").read_text())
