@@ -14,9 +14,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # is recorded as the experiment `demo`. The model path is absolute so that queued experiments
 # (run in temporary clones) find it too.
 DEMO := demo
-DEMO_SETTINGS := model.name=$(CURDIR)/$(DEMO)/models/tiny-llama data.source=gsm_symbolic data.num_problems=200 \
-	data.dev_size=16 train.max_length=384 train.logging_steps=2 train.eval_steps=6 train.save_steps=6 \
-	evaluate.max_new_tokens=48 evaluate.batch_size=32
+# How big the demo is (tests/test_demo.py runs the same sequence with smaller ones).
+DEMO_SIZES := data.num_problems=200 data.dev_size=16 train.max_length=384 train.logging_steps=2 train.eval_steps=6 \
+	train.save_steps=6 evaluate.max_new_tokens=48 evaluate.batch_size=32
+DEMO_SETTINGS := model.name=$(CURDIR)/$(DEMO)/models/tiny-llama data.source=gsm_symbolic $(DEMO_SIZES)
 
 .PHONY: install demo test
 
