@@ -23,7 +23,12 @@ def test_missing_local_model_path_is_named():
 def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
     from stages.modeling import load_config
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable when it was imported: without this it would try the network
+    # until a timeout (~20 s here) and only then fail.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as info:
         load_config("some-org/some-model-that-is-not-cached")
     assert "HF_HUB_OFFLINE=1" in str(info.value) and "local directory" in str(info.value)

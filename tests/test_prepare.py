@@ -104,8 +104,16 @@ def test_local_directory_in_the_hub_layout_loads_through_datasets(tmp_path):
 
 
 def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Both libraries read the variables when they were imported: without these they would try the
+    # network until a timeout (~20 s here) and only then fail.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(UserError, match="Offline\\? Point data.source at a local copy"):
         load_source(DataParams(source="openai/gsm8k-not-cached", config="main"))
 
