@@ -53,16 +53,7 @@ def load_for_generation(model_p: ModelParams, adapter: str | None, dequantize: b
 
     model = load_model(model_p)
     if dequantize and model_p.load_in_4bit:
-        from transformers.utils import logging as hf_logging
-
-        # transformers logs "The modules are dequantized in bf16 and casted to bf16" as a warning: it
-        # is what was asked for, not a problem, so it is held back for this call only.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            model = model.dequantize(dtype=compute_dtype(model_p))
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        model = model.dequantize(dtype=compute_dtype(model_p))
     if adapter:
         from peft import PeftModel
 

@@ -39,6 +39,9 @@ KNOWN = [
      r"mtime may not be reliable on this filesystem, falling back to numerical ordering$",
      "transformers says so whenever two checkpoints were saved within a second (a fast tiny run), "
      "whatever the disk; it then orders checkpoint-<step> by step, the order the resume uses too"),
+    ("transformers.integrations.bitsandbytes", r"The modules are dequantized in \S+ and casted to \S+\.$",
+     "transformers says which dtype `evaluate.dequantize` turned the 4-bit weights into, as a warning: it is the "
+     "dtype the stage asked for (the compute dtype), not a problem"),
     (FutureWarning, r"`use_liger_kernel=True` is deprecated and will be removed in v2\.0\.0\. Use the Hub kernels",
      "TRL 1.16 still applies Liger's kernels; its replacement downloads kernels from the Hub at run "
      "time, which this pipeline does not do (train.use_liger_kernel, pinned liger-kernel)"),

@@ -91,6 +91,8 @@ SAMPLES = [
     ("liger_kernel.backends.registry", "Backend impl 'liger_kernel.ops.backends._ascend.rope' for op 'rope' could not "
      "be imported: ImportError: cannot import name 'tanh' from 'triton.language.math'"),
     ("transformers.trainer_utils", "mtime may not be reliable on this filesystem, falling back to numerical ordering"),
+    ("transformers.integrations.bitsandbytes", "The modules are dequantized in torch.bfloat16 and casted to "
+     "torch.bfloat16."),
     (FutureWarning, "`use_liger_kernel=True` is deprecated and will be removed in v2.0.0. Use the Hub kernels "
      "instead, with `model_init_kwargs={\"use_kernels\": True}`."),
 ]
@@ -106,6 +108,9 @@ STILL_SHOWN = [
     (UserWarning, "Paged optimizers are not supported on CPU. And something else happened."),
     (UserWarning, "The pynvml package is deprecated."),  # another category than the known one
     ("bitsandbytes.backends.cpu.ops", "Something else went wrong in bitsandbytes' CPU backend"),
+    # Its other message (no dtype given to dequantize) says something the stage did not ask for.
+    ("transformers.integrations.bitsandbytes", "The modules are dequantized in torch.float16. If you want to change "
+     "the dtype, please specify `dtype` in `dequantize`. "),
     ("bitsandbytes.other", "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'"),
     # The Triton backend is the one Liger runs on a GPU: its failure matters.
     ("liger_kernel.backends.registry", "Backend impl 'liger_kernel.ops.backends._triton.rms_norm' for op 'rms_norm' "
