@@ -786,7 +786,8 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         fp32_master_weights(trainer.model)
     trainer.add_callback(keep_trainable_dtypes(trainer.model))
     if train_p.torch_compile:
-        compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs)
+        compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs,
+                               checkpointing=train_p.gradient_checkpointing)
     if train_p.cuda_graphs:
         evaluate_eagerly(trainer)
     if train_p.padding_free:
@@ -837,7 +838,7 @@ def evaluate_eagerly(trainer) -> None:
 COMPILE_OPTIONS = {"fallback_random": True}
 
 
-def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
+def compile_decoder_layers(model, cuda_graphs: bool = False, checkpointing: bool = False) -> int:
     """Regional torch.compile: every decoder layer (transformers' GradientCheckpointingLayer) is
     compiled in place, inside gradient checkpointing, with dynamic sequence lengths. The layers
     share their code, so one compilation (~1 min for an 8B layer) serves them all; compiling the
@@ -865,9 +866,44 @@ def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
         for layer in layers:
             mark_quant_states_static(layer)
         copy_grads_out_of_graph_memory(model)
+    elif checkpointing:  # (the Trainer turns checkpointing on in the layers only when train() starts)
+        for layer in layers:
+            recomputable_4bit_matmuls(layer)
     for layer in layers:
         layer.compile(dynamic=True, options=options)
     return len(layers)
+
+
+def recomputable_4bit_matmuls(module) -> int:
+    """Inside a compiled, checkpointed layer, each 4-bit projection becomes dequantize + F.linear.
+
+    bitsandbytes' own 4-bit matmul is an autograd.Function around its fused gemm_4bit kernel, and
+    the compiled layer's backward kept that kernel's outputs instead of recomputing them as
+    checkpointing does: 224 gemm_4bit calls per step instead of 448, +5.3 GiB for the 8B model
+    (benchmarks/results/diagnose_run15_nvidia-h200.md). Written as bitsandbytes' dequantize op and a
+    plain linear, the whole projection is ops the checkpointed region recomputes, and the backward
+    (grad @ W, W dequantized again) is what MatMul4Bit's backward computes. Same values: the
+    dequantized weight is what gemm_4bit multiplies with (tests/test_compiled_4bit.py)."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, bnb.nn.Linear4bit):
+            sub.forward = _dequantize_linear_forward.__get__(sub)
+            count += 1
+    return count
+
+
+def _dequantize_linear_forward(self, x):
+    import bitsandbytes.functional as bnb_functional
+    import torch.nn.functional as F
+
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    weight = bnb_functional.dequantize_4bit(self.weight.data, self.weight.quant_state).to(x.dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, weight, bias).to(inp_dtype)
 
 
 def mark_quant_states_static(module) -> None:

@@ -72,6 +72,32 @@ def test_static_engine_matches_generate_token_for_token(model_and_tokenizer, bat
     assert len({tuple(row) for row in static}) > 1, "identical rows would not show a mix-up between rows"
 
 
+@pytest.mark.parametrize("batch_size", [4, 6])
+def test_prefill_in_chunks_of_their_own_width_matches_generate(model_and_tokenizer, monkeypatch, batch_size):
+    """With a prefill budget of a few dozen tokens, each forward covers a row or two, padded only to
+    its own longest prompt: the slots left of it stay unwritten (or hold the previous batch's keys)
+    and masked, and the tokens are still generate's."""
+    import stages.decode
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(stages.decode, "PREFILL_TOKENS", 40)
+    eval_p = EvaluateParams(max_new_tokens=12, batch_size=batch_size, stop=[])
+    static = token_ids(model, tokenizer, eval_p, QUESTIONS)
+    assert static == token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
+
+
+def test_prefill_chunks_pad_each_chunk_to_its_own_longest_prompt(monkeypatch):
+    import stages.decode
+    from stages.decode import prefill_chunks
+
+    monkeypatch.setattr(stages.decode, "PREFILL_TOKENS", 100)
+    lengths = [60, 50, 40, 30, 20, 20, 20, 20, 120, 5]
+    chunks = prefill_chunks(lengths)
+    assert chunks == [(slice(0, 1), 60), (slice(1, 3), 50), (slice(3, 6), 30), (slice(6, 8), 20),
+                      (slice(8, 9), 120), (slice(9, 10), 5)]
+    assert all(max(lengths[s]) == w and (s.stop - s.start) * w <= 100 or s.stop - s.start == 1 for s, w in chunks)
+
+
 @pytest.fixture(scope="module")
 def eager_model(tiny_model_dir):
     # Eager attention adds the mask to the scores: a boolean mask there adds 0/1 and masks nothing.

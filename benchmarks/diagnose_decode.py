@@ -1,0 +1,157 @@
+"""OUT=<dir> python benchmarks/diagnose_decode.py [--tiny]  (run 17, benchmarks/results/diagnose_run17_<gpu>.json)
+
+Where the static engine's evaluation time goes (Llama-3.1-8B shape, random weights, dequantized as
+evaluate.dequantize does, GSM8K-test-length prompts): for batch 1,319 (evaluate.batch_size: auto on an
+H200) and 128 (a 40 GB card), the prefill alone and the seconds per decoding step (steps 33-96 of
+stages.decode.greedy_decode, CUDA graphs on), under each SDPA backend that takes a float mask; then a
+torch.profiler table (CUDA time per op) of the prefill alone and of the prefill + 32 eager steps.
+Then training: padding-free + torch_compile with the 4-bit projections written as dequantize + linear
+(stages.train.recomputable_4bit_matmuls) and without (bitsandbytes' own matmul), tokens/s and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_device  # noqa: E402
+import bench_eval  # noqa: E402
+import bench_model  # noqa: E402
+import bench_train  # noqa: E402
+
+
+def timed(fn):
+    bench_device.sync()
+    start = time.perf_counter()
+    out = fn()
+    bench_device.sync()
+    return time.perf_counter() - start, out
+
+
+def stop_after(n_tokens):
+    return lambda tokens: tokens.shape[1] >= n_tokens
+
+
+def decode_section(workdir, shape, batches, new_tokens, tiny, out, save):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import stages.decode
+    from stages.decode import CHECK_EVERY, allocate_cache, greedy_decode
+    from stages.evaluate import make_batches
+
+    model, tokenizer = bench_eval.load_project_model(workdir, dequantize=True)
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    prompts = bench_model.make_eval_prompts(bench_model.GSM8K_TEST_SIZE, shape["vocab_size"], seed=42,
+                                            scale=0.25 if tiny else 1.0)
+    backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "math": SDPBackend.MATH, "default, prefill at the batch's width": None}
+    first, last = CHECK_EVERY + 1, 2 * CHECK_EVERY + 1
+    chunked = stages.decode.prefill_chunks
+
+    def padded(lengths):  # the prefill before prefill_chunks: every chunk at the batch's width
+        rows = max(1, stages.decode.PREFILL_TOKENS // max(lengths))
+        return [(slice(s, min(s + rows, len(lengths))), max(lengths)) for s in range(0, len(lengths), rows)]
+    for rows in batches:
+        (_, batch), *_ = make_batches(prompts[:rows], rows, tokenizer.pad_token_id, device)
+        buffers = allocate_cache(model.config, rows, batch.width + new_tokens - 1, model.dtype, device)
+        entry = out["decode"].setdefault(str(rows), {"width": batch.width, "mean_prompt": sum(batch.lengths) / rows})
+        for name, backend in backends.items():
+            ctx = sdpa_kernel(backend) if backend is not None else torch.autocast("cpu", enabled=False)
+            stages.decode.prefill_chunks = padded if "prefill at" in name else chunked
+            try:
+                with ctx, torch.inference_mode():
+                    greedy_decode(model, batch, 1, buffers, stop_after(1), use_graph=on_gpu)  # warm-up
+                    prefill, _ = timed(lambda: greedy_decode(model, batch, 1, buffers, stop_after(1), use_graph=on_gpu))
+                    short, _ = timed(lambda: greedy_decode(model, batch, new_tokens, buffers, stop_after(first),
+                                                           use_graph=on_gpu))
+                    long_, _ = timed(lambda: greedy_decode(model, batch, new_tokens, buffers, stop_after(last),
+                                                           use_graph=on_gpu))
+                step_ms = (long_ - short) / (last - first) * 1e3
+                entry[name] = {"prefill_s": round(prefill, 3), "step_ms": round(step_ms, 2),
+                               "estimated_full_batch_s": round(prefill + (new_tokens - 1) * step_ms / 1e3, 2)}
+            except Exception as exc:  # noqa: BLE001 - a backend that refuses the inputs: record it
+                entry[name] = {"error": repr(exc)[:300]}
+            finally:
+                stages.decode.prefill_chunks = chunked
+            print(f"decode b{rows} {name}: {json.dumps(entry[name])}", flush=True)
+            save()
+        if on_gpu:
+            from torch.profiler import ProfilerActivity, profile
+
+            for label, n_tokens in (("prefill", 1), ("prefill+32_eager_steps", first)):
+                with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    greedy_decode(model, batch, new_tokens if n_tokens > 1 else 1, buffers, stop_after(n_tokens),
+                                  use_graph=False)
+                    bench_device.sync()
+                entry[f"profile/{label}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                                                      max_name_column_width=60)
+                save()
+        del buffers
+        bench_device.free_memory()
+    bench_device.release({"model": model})
+    del model
+
+
+def train_section(workdir, shape, steps, warmup, out, save):
+    import stages.train
+    from stages.config import TrainParams
+
+    rows = bench_model.make_train_rows(steps * bench_model.EFFECTIVE_BATCH, shape["vocab_size"], 42, 1.0)
+    base = TrainParams(lora_r=32, lora_alpha=16, lora_dropout=0.05, lora_target_modules="all-linear", max_steps=steps,
+                       seed=42, use_liger_kernel=False)
+    original = stages.train.recomputable_4bit_matmuls
+    for variant, recompute in (("padding_free+compile", True), ("padding_free+compile", False),
+                               ("padding_free+liger", False)):
+        stages.train.recomputable_4bit_matmuls = original if recompute else (lambda module: 0)
+        bench_device.reset_peak()
+        params = dataclasses.replace(base, **bench_train.TRAIN_VARIANTS[variant])
+        try:
+            with bench_train.undo_module_patches():
+                fig = bench_train.train_project(workdir, rows, steps, warmup, params, 42, None)
+            fig.update(bench_device.peak_memory())
+        except Exception as exc:  # noqa: BLE001
+            fig = {"error": repr(exc)[:400]}
+        finally:
+            stages.train.recomputable_4bit_matmuls = original
+            bench_device.release({})
+        key = f"{variant}{' dequantize+linear' if recompute else ''}"
+        out["train"][key] = {k: v for k, v in fig.items() if k != "grad_norms"}
+        save()
+        print(key, json.dumps(out["train"][key]), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--sections", default="decode,train")
+    args = p.parse_args()
+    bench_device.quiet_libraries()
+    shape = bench_model.bench_shape(tiny=args.tiny)
+    workdir = "/dev/shm/bench-model" if not args.tiny else os.path.join(os.environ["OUT"], "tiny-model")
+    out = {"gpu": bench_device.gpu_name(), "versions": bench_device.versions(), "command": " ".join(sys.argv),
+           "decode": {}, "train": {}}
+    path = Path(os.environ["OUT"]) / f"diagnose_run17_{bench_device.slug(out['gpu'])}.json"
+
+    def save():
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
+    out["build"] = bench_model.build_model_dir(Path(workdir), shape, seed=42)
+    if "decode" in args.sections:
+        decode_section(workdir, shape, (8, 4) if args.tiny else (1319, 128), 128 if args.tiny else 256, args.tiny,
+                       out, save)
+    if "train" in args.sections:
+        train_section(workdir, shape, 3 if args.tiny else 8, 1 if args.tiny else 3, out, save)
+    save()
+
+
+if __name__ == "__main__":
+    main()
