@@ -27,6 +27,9 @@ $(STAMP): requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt
+	@# torch's CUDA wheel brings Triton (the static engine's decoding kernel); its CPU build does not,
+	@# and the tests run that kernel under Triton's CPU interpreter.
+	$(VENV)/bin/python -c "import triton" 2>/dev/null || $(VENV)/bin/pip install -q triton==3.9.0
 	touch $@
 
 demo: $(STAMP)

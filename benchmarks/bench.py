@@ -245,6 +245,7 @@ def eval_plan(args) -> dict:
         "static_b256": (static, large, "static", "dequant"),
         # evaluate.batch_size: auto, sized from the free memory once the model is loaded (440 for the plan)
         "static_auto": (static, large * 2 if not args.tiny else large, "static", "dequant"),
+        "static_auto_sdpa": (static, large * 2 if not args.tiny else large, "static", "dequant"),
         "generate_b256": (dequant, large, "generate", "dequant"),
         "generate_b128": (dequant, large // 2, "generate", "dequant"),
         "4bit_b64": (four_bit, small, "generate", "4bit"),
@@ -382,16 +383,27 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             continue
 
         def fn(name=name, n=n, batch=batch, engine=engine, kind=kind):
+            import stages.decode
+
             if kind == "plain":
                 return eval_baseline(str(workdir), prompts[:n], batch, args.new_tokens, GSM8K_TEST_SIZE)
             if not loaded:
                 model, tokenizer = load_project_model(str(workdir), dequantize=kind == "dequant")
                 loaded.update(kind=kind, model=model, tokenizer=tokenizer)
-            if name == "static_auto":
+            if name.startswith("static_auto"):
                 batch = auto_batch(str(workdir), loaded["model"], prompts[:n], args.new_tokens, n) if not args.tiny \
                     else batch
-            figures = eval_project(loaded["model"], loaded["tokenizer"], prompts[:n], batch, args.new_tokens, engine,
-                                   GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE)
+            # static_auto_sdpa: the decoding steps' attention as before the fused kernel, for the ratio
+            fused = stages.decode.FUSED_STEP_ATTENTION
+            stages.decode.FUSED_STEP_ATTENTION = False if name.endswith("_sdpa") else fused
+            try:
+                figures = eval_project(loaded["model"], loaded["tokenizer"], prompts[:n], batch, args.new_tokens,
+                                       engine, GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE)
+            finally:
+                stages.decode.FUSED_STEP_ATTENTION = fused
+            # Whether the kernel did the steps: it passed its self-check on this GPU (stages.decode).
+            figures["fused_step_attention"] = engine == "static" and not name.endswith("_sdpa") and \
+                any(stages.decode._SELF_CHECKS.values())
             figures["batch_size"] = batch
             texts[name] = figures.pop("texts")
             return figures

@@ -1,8 +1,9 @@
 """Timing evaluation: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
 `stages.evaluate.generate` unchanged, on GSM8K-test-length prompts x 256 new tokens.
 
-EVAL_VARIANTS: "static_b128"/"static_b256" (the project's engine, stages/decode.py, on the dequantized
-model), "generate_b256"/"generate_b128" (transformers' generate on the same model) and "4bit_b64". A
+EVAL_VARIANTS: "static_b128"/"static_b256"/"static_auto" (the project's engine, stages/decode.py, on the
+dequantized model; "static_auto_sdpa": the same with its decoding steps' attention left to SDPA instead of
+stages/decode_attention.py's kernel), "generate_b256"/"generate_b128" (transformers' generate on the same model) and "4bit_b64". A
 subset of prompts is extrapolated to the whole split's batch count ("extrapolated": true). Where
 static_b256 and generate_b256 decoded the same prompts, `engine_agreement` and `engine_checks` say how
 far the two engines agree (bf16 near-ties may differ; the checks do not depend on them).
@@ -18,8 +19,8 @@ from bench_model import as_question, load_plain_4bit
 # Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
 # variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
 # "generate" transformers' generate() on the same model (evaluate.engine: generate).
-EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_auto", "static_b256", "generate_b256", "generate_b128",
-                 "4bit_b64")
+EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_auto", "static_auto_sdpa", "static_b256", "generate_b256",
+                 "generate_b128", "4bit_b64")
 
 
 def full_split_wall(wall_s: float, batches_run: int, prompts_run: int, batch_size: int, n_full: int) -> float:

@@ -31,6 +31,9 @@ PREFILL_TOKENS = 8192
 # Steps between two looks at the generated tokens (a host sync): stop early once every row has
 # ended, without stalling the GPU every step.
 CHECK_EVERY = 32
+# The decoding step's sdpa attention through stages/decode_attention.py's kernel: "auto" on CUDA when
+# Triton imports, True forces it (the CPU tests, under Triton's interpreter), False never.
+FUSED_STEP_ATTENTION: bool | str = "auto"
 
 
 @dataclass
@@ -212,6 +215,95 @@ def prefill_mask(lengths, width: int, device, dtype=None, window: int | None = N
     return mask if dtype is None else additive(mask, dtype)
 
 
+_SELF_CHECKS: dict = {}
+
+
+def fused_step_attention_wanted(device, heads: int = 0, kv_heads: int = 0, dim: int = 0, dtype=None) -> bool:
+    """Whether the decoding steps use the fused kernel. "auto": on CUDA, when Triton imports and the
+    kernel, compiled for this model's group size, head size and dtype, matches SDPA on a small
+    input (once per process and geometry); otherwise, with one line saying why, SDPA as before."""
+    if FUSED_STEP_ATTENTION != "auto":
+        return bool(FUSED_STEP_ATTENTION)
+    if device.type != "cuda":
+        return False
+    key = (str(device), heads, kv_heads, dim, str(dtype))
+    if key not in _SELF_CHECKS:
+        _SELF_CHECKS[key] = _self_check(device, heads, kv_heads, dim, dtype)
+    return _SELF_CHECKS[key]
+
+
+def _self_check(device, heads, kv_heads, dim, dtype) -> bool:
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from stages.decode_attention import decode_attention
+
+        g = torch.Generator(device).manual_seed(0)
+        q = torch.randn(3, heads, 1, dim, device=device, generator=g).to(dtype)
+        k, v = (torch.randn(3, kv_heads, 100, dim, device=device, generator=g).to(dtype) for _ in range(2))
+        mask = torch.zeros(3, 1, 1, 100, device=device, dtype=dtype)
+        mask[1, ..., :70] = torch.finfo(dtype).min  # a left-padded row: whole blocks masked
+        ours = decode_attention(q, k, v, mask, dim ** -0.5).float()
+        group = heads // kv_heads
+        exact = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
+                                               v.float().repeat_interleave(group, 1), attn_mask=mask.float())
+        error = (ours - exact).abs().max().item()
+        if not error <= 2e-2:
+            raise RuntimeError(f"max difference {error:.3g} from SDPA in float32")
+        return True
+    except Exception as exc:  # noqa: BLE001 - no Triton, no compiler, a wrong result: SDPA does the steps
+        print(f"decode: fused step attention not used ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+              "decoding steps use SDPA")
+        return False
+
+
+def fused_step_sdpa(original):
+    """transformers' sdpa attention function, with a decoding step's call (one query token, the
+    engine's [rows, 1, 1, slots] additive mask, no dropout, softcap or sinks) sent to the fused
+    kernel; every other call goes to `original` as it was."""
+    from stages.decode_attention import decode_attention
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        mask = attention_mask
+        if (query.shape[2] != 1 or mask is None or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or dropout
+                or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+                or kwargs.get("sinks") is not None or key.shape[-1] != query.shape[-1]
+                or query.shape[1] % key.shape[1] or mask.shape[-1] != key.shape[2]):
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = decode_attention(query, key, value, mask, scale)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+class _StepAttention:
+    """While decoding steps run (and a step is recorded as a CUDA graph), transformers' "sdpa" entry
+    is the fused step attention; afterwards it is what it was."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            self.table = ALL_ATTENTION_FUNCTIONS
+            self.had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+            self.previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = fused_step_sdpa(self.previous)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            if self.had_local:
+                self.table["sdpa"] = self.previous
+            else:
+                del self.table["sdpa"]
+        return False
+
+
 def _as_model_mask(masks: dict, kinds: list[str]):
     """The attention_mask argument: one tensor when every layer has the same type (any forward built
     on masking_utils passes it through), else {layer type: mask}."""
@@ -272,13 +364,18 @@ def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, lis
         masked = torch.tensor(lowest, dtype=dtype, device=device)
     step_mask = _as_model_mask({kind: masks[kind] for kind in set(kinds)}, kinds)
     column = torch.ones(1, dtype=torch.long, device=device)  # where the step's token goes in `out`
+    lm_config = _unwrap(model)[0].config.get_text_config()
+    _, kv_heads, head_dim = cache_geometry(lm_config)
+    step_attention = _StepAttention(fused_step_attention_wanted(device, lm_config.num_attention_heads, kv_heads,
+                                                                head_dim, dtype))
 
     def step():
         full.index_fill_(3, cache.position, 0.0)
         if window is not None:
             torch.where(slot_ids > cache.position - window, full, masked, out=masks[SLIDING])
-        logits = model(input_ids=tokens, attention_mask=step_mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits
+        with step_attention:
+            logits = model(input_ids=tokens, attention_mask=step_mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).logits
         tokens.copy_(logits[:, -1:].argmax(-1))
         out.index_copy_(1, column, tokens)
         positions.add_(1)

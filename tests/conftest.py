@@ -1,5 +1,12 @@
 """Fixtures shared by the test files: a tiny local model instead of anything from the Hub."""
+import os
+
 import pytest
+
+# The suite runs on CPU tensors, so the project's Triton kernel (stages/decode_attention.py) is checked
+# under Triton's interpreter. Triton reads this when it is imported, so it is set before any test
+# imports it (tests/test_decode_attention.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
