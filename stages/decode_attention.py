@@ -26,7 +26,7 @@ BLOCK_SLOTS = 64
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, scale, slots,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, scale, lowest, slots,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                              stride_bb, stride_ob, stride_oh,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
@@ -42,10 +42,25 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, scale, slot
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
+    # The blocks of slots the mask allows anything in: a left-padded row's leading padding and the
+    # slots not yet written are whole blocks of `lowest` (the engine's masked value), whose weights
+    # would be exactly 0; reading the mask row (2 bytes a slot) spares reading their keys and values
+    # (2 x 2 x dim bytes a slot). A row with nothing allowed is attended whole, as SDPA does.
+    lo = tl.zeros([], tl.int32) + slots  # tensors from the start: a loop-carried value keeps its type
+    hi = tl.zeros([], tl.int32)
+    for start in range(0, slots, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        bias = tl.load(bias_ptr + row * stride_bb + n, mask=n < slots, other=lowest).to(tl.float32)
+        seen = tl.max(((bias > lowest) & (n < slots)).to(tl.int32), axis=0)
+        lo = tl.where(seen > 0, tl.minimum(lo, start), lo)
+        hi = tl.where(seen > 0, start + BLOCK, hi)
+    nothing = hi == 0
+    lo = tl.where(nothing, 0, lo)
+    hi = tl.where(nothing, slots, hi)
     best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for start in range(0, slots, BLOCK):
+    for start in range(lo, hi, BLOCK):
         n = start + tl.arange(0, BLOCK)
         n_ok = n < slots
         k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -81,7 +96,7 @@ def decode_attention(query, key, value, bias, scale: float):
         bias2d = bias2d.contiguous()
     out = torch.empty((rows, heads, dim), dtype=query.dtype, device=query.device)
     _decode_attention_kernel[(rows, kv_heads)](
-        q, key, value, bias2d, out, scale, slots,
+        q, key, value, bias2d, out, scale, torch.finfo(bias.dtype).min, slots,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias2d.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,

@@ -81,8 +81,8 @@ def test_writes_every_section_and_variant(result):
     data, stdout = result
     assert set(data["train"]) == {"baseline", "unsloth", "padding_free", "card", "padding_free+liger", "card+liger",
                                   "card+compile", "card+cudagraphs"}
-    assert set(data["eval"]) == {"baseline_4bit_b64", "static_b128", "static_auto", "static_b256", "generate_b256",
-                                 "generate_b128", "4bit_b64"}
+    assert set(data["eval"]) == {"baseline_4bit_b64", "static_b128", "static_auto", "static_auto_sdpa", "static_b256",
+                                 "generate_b256", "generate_b128", "4bit_b64"}
     for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
         assert key in data
     assert data["lengths"]["train"]["mean"] == 240 and data["lengths"]["eval"]["mean"] == 160
