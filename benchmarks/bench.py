@@ -270,7 +270,7 @@ def time_plan(args, est: dict, build_needed: bool) -> dict:
             plan[f"train/{name}"] = est["peer_start"] + est["load"] + args.train_steps * est["train_pf_step"]
             continue
         padding_free = name != "baseline" and TRAIN_VARIANTS[name]["padding_free"]
-        compiled = name != "baseline" and TRAIN_VARIANTS[name].get("torch_compile", False)
+        compiled = name != "baseline" and TRAIN_VARIANTS[name].get("torch_compile", False) is not False
         plan[f"train/{name}"] = est["load"] + args.train_steps * est["train_pf_step" if padding_free else
                                                                    "train_plain_step"] + (est["compile"] if compiled else 0)
     previous = None
@@ -289,10 +289,10 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
 
     lora = {"r": 32, "alpha": 16, "dropout": args.lora_dropout}
     # The project's settings (params.yaml's train section) with the benchmark's step count and LoRA;
-    # Liger off, as each variant says whether it uses it (and compiled ones cannot).
+    # Liger and compilation off, as each variant says whether it uses them ("default": as committed).
     train_p = TrainParams(lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                           lora_target_modules="all-linear", max_steps=args.train_steps, seed=args.seed,
-                          use_liger_kernel=False)
+                          use_liger_kernel=False, torch_compile=False)
     rows = make_train_rows(args.train_steps * EFFECTIVE_BATCH, shape["vocab_size"], args.seed, args.length_scale)
     state = {}
 
@@ -304,7 +304,7 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
     base = None
     for name in wanted_variants(args, "train"):
         why = clock.admit(f"train/{name}", plan[f"train/{name}"])
-        if not why and TRAIN_VARIANTS.get(name, {}).get("use_liger_kernel") and not importlib.util.find_spec(
+        if not why and TRAIN_VARIANTS.get(name, {}).get("use_liger_kernel") is True and not importlib.util.find_spec(
                 "liger_kernel"):
             why = "skipped: liger_kernel is not installed"
         if why:
@@ -364,7 +364,7 @@ def peer_variant(args, results, out, clock, name, rows, train_p, workdir, base) 
 def compare_peers_with_ours(results: dict) -> None:
     """Once every variant ran (the peer may run before ours): its losses against our default path's."""
     train = results.get("train", {})
-    ours = next((n for n in ("padding_free+liger", "padding_free") if "losses" in train.get(n, {})), None)
+    ours = next((n for n in ("default", "padding_free+liger", "padding_free") if "losses" in train.get(n, {})), None)
     for name in PEER_VARIANTS:
         if ours and "losses" in train.get(name, {}):
             train[name]["loss_vs_ours"] = {"ours": ours, **compare_with(train[ours], train[name])}

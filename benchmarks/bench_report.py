@@ -16,6 +16,30 @@ GOAL_PEER_SPEEDUP = 1.2
 GOAL_CARD_SPEEDUP = 3.0
 GOAL_EVAL_WALL_S = 25.0  # issue 15: the whole split x 256 new tokens with the default settings
 GOAL_EVAL_MEMORY_GB = 40.0
+# Dense bf16 peak by GPU name (the vendors' datasheets, SXM parts), for model FLOP utilisation.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def train_flops_per_token(shape: dict) -> float:
+    """6 x the matmul weights a token passes (decoder projections + LM head): the forward, gradient
+    checkpointing's second forward, and the backward to the activations (the base is frozen: no
+    weight gradients but LoRA's, which are negligible). 45 GFLOP for the Llama-3.1-8B shape."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return 6.0 * (layers * per_layer + h * shape["vocab_size"])
+
+
+def model_flop_utilization(results: dict) -> dict:
+    """Per train variant: tokens/s x train_flops_per_token / the GPU's dense bf16 peak (None off the
+    GPUs in PEAK_BF16_FLOPS)."""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in results.get("gpu", "")), None)
+    if peak is None or "shape" not in results:
+        return {}
+    per_token = train_flops_per_token(results["shape"])
+    return {name: round(v["train_tokens_per_second"] * per_token / peak, 4)
+            for name, v in results.get("train", {}).items() if v.get("train_tokens_per_second")}
 
 
 def loss_agreement(baseline: dict, figures: dict, warmup: int, rtol: float) -> dict:
@@ -67,6 +91,8 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
     for name, v in train.items():
         if name != "baseline" and base_tps and v.get("train_tokens_per_second"):
             ratios[f"train_tokens_per_second/{name}"] = round(v["train_tokens_per_second"] / base_tps, 2)
+    for name, mfu in model_flop_utilization(results).items():
+        ratios[f"model_flop_utilization/{name}"] = mfu
     base_wall = ev.get("baseline_4bit_b64", {}).get("wall_seconds_full_split")
     for name, v in ev.items():
         if name != "baseline_4bit_b64" and base_wall and v.get("wall_seconds_full_split"):
@@ -82,7 +108,8 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
         memory_ok = not memory or base_peak is None or own_peak is None or own_peak <= base_peak
         return bool(v["train_tokens_per_second"] >= factor * base_tps and memory_ok and v.get("loss_check") == "PASS")
 
-    padding_free = [n for n, v in TRAIN_VARIANTS.items() if v["padding_free"]]
+    # The goals are the default path's (issue 15) where the run has it; older runs named no default.
+    padding_free = ["default"] if "default" in train else [n for n, v in TRAIN_VARIANTS.items() if v["padding_free"]]
     pf = [fast_and_same(n, GOAL_TRAIN_SPEEDUP) for n in padding_free]
     goals[f"train_effective_batch_8_>={GOAL_TRAIN_SPEEDUP:g}x_same_loss_no_more_memory"] = (
         any(pf) if any(p is not None for p in pf) else None)
@@ -125,14 +152,14 @@ def markdown_table(results: dict) -> str:
         return [(n, found[n]) for n in names if n in found] + [(n, v) for n, v in found.items() if n not in names]
 
     ratios = results.get("ratios", {})
-    lines = ["| section | variant | tokens/s | s/step (train) · wall s for 1,319 (eval) | peak GiB | × plain "
+    lines = ["| section | variant | tokens/s | MFU | s/step (train) · wall s for 1,319 (eval) | peak GiB | × plain "
              "| loss vs plain: max rel. diff, check |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for section, names, key in (("train", ["baseline", *PEER_VARIANTS, *TRAIN_VARIANTS], "train_tokens_per_second"),
                                 ("eval", list(EVAL_VARIANTS), "generated_tokens_per_second")):
         for name, v in ordered(section, names):
             if "error" in v or "skipped" in v:
-                lines.append(f"| {section} | {name} | {v.get('error') or v.get('skipped')} | | | | |")
+                lines.append(f"| {section} | {name} | {v.get('error') or v.get('skipped')} | | | | | |")
                 continue
             ratio = ratios.get(f"train_tokens_per_second/{name}" if section == "train" else f"eval_wall_speedup/{name}")
             if section == "train":
@@ -145,7 +172,20 @@ def markdown_table(results: dict) -> str:
             else:
                 middle = fmt(v.get("wall_seconds_full_split")) + (" (extrapolated)" if v.get("extrapolated") else "")
                 check = ""
-            lines.append(f"| {section} | {name} | {fmt(v.get(key))} | {middle} | "
+            mfu = ratios.get(f"model_flop_utilization/{name}")
+            lines.append(f"| {section} | {name} | {fmt(v.get(key))} | {'' if mfu is None else f'{mfu:.1%}'} | {middle} | "
                          f"{fmt(v.get('peak_allocated_gib'), '{:.2f}')} | {'' if ratio is None else f'{ratio:.2f}×'} "
                          f"| {check} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_report.py RESULTS.json: the table and goals of a committed run, recomputed
+    # from its figures by this file's functions (MFU included for runs written before it was reported).
+    import json
+    import sys
+
+    results = json.loads(open(sys.argv[1]).read())
+    results["ratios"], goals = ratios_and_goals(results, tiny=results.get("settings", {}).get("tiny", False))
+    print(markdown_table(results))
+    print("goals: " + json.dumps(goals))

@@ -21,6 +21,10 @@ from bench_device import sync
 from bench_model import EFFECTIVE_BATCH, load_plain_4bit
 
 TRAIN_VARIANTS = {  # name: TrainParams fields; every variant trains on 8 sequences per optimizer step
+    # params.yaml's train section as committed: what its "auto" kernels choose on this machine
+    # (on one CUDA GPU with bf16: padding-free + torch_compile, Liger off).
+    "default": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,
+                    torch_compile="auto", use_liger_kernel="auto"),
     "padding_free": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True),
     "card": dict(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False),
     "padding_free+liger": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, padding_free=True,

@@ -151,11 +151,14 @@ class TrainParams:
     # Concatenate the micro-batch's rows into one row (no pad tokens; attention kept per row via
     # position_ids). Same loss as padding, less work: see README "Speed".
     padding_free: bool = True
-    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); CUDA only.
-    use_liger_kernel: bool = True
     # torch.compile each decoder layer in place (regional compilation: one compilation serves every
-    # layer). Fewer, fused kernels: what pays at batch 1, where the GPU waits for kernel launches.
-    torch_compile: bool = False
+    # layer): fewer, fused kernels. "auto": on one CUDA GPU with bf16 compute, unless Liger is asked
+    # for (the measured fast path: README "Speed"); not on CPU, where compiling a short run costs
+    # more than it saves, nor where it was never measured (fp16 cards, several processes).
+    torch_compile: bool | str = "auto"
+    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); CUDA only.
+    # "auto": on CUDA when the layers are not compiled (compiling fuses the same kernels).
+    use_liger_kernel: bool | str = "auto"
     # With torch_compile: replay each compiled decoder layer as CUDA graphs instead of launching its
     # kernels one by one from Python, which is most of a batch-1 step's time. Rows are padded to a
     # multiple of 64 tokens (pads are masked out of attention and loss) so that a handful of lengths
@@ -171,9 +174,12 @@ class TrainParams:
         _check(self.lora_r > 0, "lora_r", f"must be > 0, got {self.lora_r}")
         # Inductor fuses what Liger's layer kernels fuse (TRL fuses the LM head either way), and
         # dynamo cannot trace through Liger's kernels: one or the other.
-        _check(not (self.torch_compile and self.use_liger_kernel), "torch_compile",
-               "true needs train.use_liger_kernel: false (compiling fuses the same kernels)")
-        _check(not self.cuda_graphs or self.torch_compile, "cuda_graphs",
+        for key in ("torch_compile", "use_liger_kernel"):
+            _check(getattr(self, key) in (True, False, "auto"), key,
+                   f"must be true, false or auto, got {getattr(self, key)!r}")
+        _check(not (self.torch_compile is True and self.use_liger_kernel is True), "torch_compile",
+               "true needs train.use_liger_kernel: false or auto (compiling fuses the same kernels)")
+        _check(not self.cuda_graphs or self.torch_compile is True, "cuda_graphs",
                "true needs train.torch_compile: true (the graphs are recorded from the compiled layers)")
         # Checkpointing reruns each layer's forward inside backward with a saved RNG state, which a
         # CUDA graph cannot replay (inductor refuses run_with_rng_state).
@@ -207,6 +213,23 @@ class TrainParams:
                "per_device_train_batch_size or gradient_accumulation_steps a multiple of it")
         for key in ("logging_steps", "eval_steps", "save_steps"):
             _check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+
+    def resolved(self, on_gpu: bool, compute_dtype: str = "bfloat16") -> "TrainParams":
+        """These params with torch_compile and use_liger_kernel as the booleans that run here.
+
+        auto compiles on one CUDA GPU with bf16 compute unless use_liger_kernel is true: the path
+        measured fastest, with the same losses as the plain recipe and less memory (README "Speed";
+        benchmarks/results/). Elsewhere it is off: on CPU (compiling costs more than a short run
+        saves), with fp16 compute (T4/V100: never measured compiled) and under DDP (likewise).
+        Liger's auto is on CUDA whenever the layers are not compiled."""
+        compile_ = self.torch_compile
+        if compile_ == "auto":
+            compile_ = (on_gpu and compute_dtype == "bfloat16" and self.num_processes == 1
+                        and self.use_liger_kernel is not True)
+        liger = self.use_liger_kernel
+        if liger == "auto":
+            liger = on_gpu and not compile_
+        return dataclasses.replace(self, torch_compile=compile_, use_liger_kernel=liger)
 
 
 @dataclass(frozen=True)

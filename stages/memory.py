@@ -74,10 +74,14 @@ FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB = 4096, 32768
 # keeps this fraction of what the same layer keeps in eager mode (inductor recomputes pointwise ops
 # instead of saving them): batch 1 x 8 + cuda_graphs peaked at 8.84 GiB, rows padded to 448 tokens.
 COMPILED_SAVED_FRACTION = 0.86
-# MEASURED: with gradient checkpointing inside a compiled layer, inductor's partitioner still saves
-# this fraction of an eager layer's tensors per layer, instead of the layer's input alone
-# (padding-free 8 rows + torch_compile peaked at 12.34 GiB for 2,295 tokens).
-COMPILED_CHECKPOINT_FRACTION = 0.35
+# MEASURED: with gradient checkpointing inside a compiled layer (its 4-bit projections written as
+# dequantize + linear, which the checkpointed region recomputes: stages.train.recomputable_4bit_matmuls),
+# each layer holds this many hidden-sized tensors per token until its backward, where eager
+# checkpointing holds its input alone: padding-free 8 rows + torch_compile peaked at 7.27 GiB of its
+# own for 2,204 tokens (H200 run 18, benchmarks/results/bench_run18_nvidia-h200.json), 0.24 GiB
+# above the eager estimate. (Before that rewrite the compiled layers kept the projections' outputs:
+# 12.34 GiB for 2,295 tokens.)
+COMPILED_CHECKPOINT_HELD = 1.5
 # MEASURED: evaluating the dequantized base peaked this many bytes per byte of the base's NF4
 # projections above weights + cache + prefill, at batch 128, 440 and 1,319 alike (4.8 GiB for 8B,
 # of which the prefill explains ~1 GiB): the NF4 storage is not all given back after dequantizing.
@@ -279,12 +283,13 @@ def estimate_train(config: dict, model: ModelParams, train: TrainParams, dev_bat
     - optimizer: Adam state (paged optimizers keep it in CUDA unified memory: on the GPU, counted in
       `total` but not by PyTorch's allocator, so not in `allocated`).
     - activations: with checkpointing, every layer's input plus one layer recomputed in backward
-      and the gradients passing through it (or, compiled, COMPILED_CHECKPOINT_FRACTION of an eager
-      layer's tensors per layer); without, every layer's saved tensors (`layer_saved_bytes`).
+      and the gradients passing through it (compiled, COMPILED_CHECKPOINT_HELD hidden-sized tensors
+      per layer instead of one); without, every layer's saved tensors (`layer_saved_bytes`).
     - load_peak: loading quantizes one bf16 weight at a time next to what is loaded.
     - dev_peak: a dev-loss pass of `dev_batch_size` rows at max_length (forward only).
     """
     arch = read_architecture(config)
+    train = train.resolved(on_gpu=True, compute_dtype=model.bnb_4bit_compute_dtype)  # a GPU's memory
     compute = DTYPE_BYTES[model.bnb_4bit_compute_dtype]
     batch = train.per_device_train_batch_size
     tokens = tokens or micro_batch_tokens(train)
@@ -311,7 +316,7 @@ def estimate_train(config: dict, model: ModelParams, train: TrainParams, dev_bat
     backward_work = compute * (3 * arch.intermediate + 2 * arch.hidden)
     head = 2 * compute * min(tokens, FUSED_HEAD_TOKENS) * min(arch.vocab, FUSED_HEAD_VOCAB)
     if train.gradient_checkpointing and train.torch_compile:
-        held, recompute = arch.layers * COMPILED_CHECKPOINT_FRACTION * per_layer, backward_work
+        held, recompute = arch.layers * compute * arch.hidden * COMPILED_CHECKPOINT_HELD, per_layer + backward_work
     elif train.gradient_checkpointing:
         held, recompute = arch.layers * compute * arch.hidden, per_layer + backward_work
     else:
@@ -465,6 +470,8 @@ def advise_train(config: dict, model: ModelParams, train: TrainParams, free_byte
     fits `free_bytes`, best first; when none does, one combined suggestion, or nothing."""
     def fits(m: ModelParams, t: TrainParams) -> bool:
         return estimate_train(config, m, t, dev_batch_size)["total"] <= free_bytes
+
+    train = train.resolved(on_gpu=True, compute_dtype=model.bnb_4bit_compute_dtype)
 
     advice = []
     length = _largest_fitting(list(range(128, train.max_length, 128)),

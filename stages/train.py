@@ -79,6 +79,7 @@ def build_sft_config(train: TrainParams, model: ModelParams, output_dir: str, wo
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
+    train = train.resolved(on_gpu, model.bnb_4bit_compute_dtype)
     if train.use_liger_kernel and on_gpu and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("params.yaml: train.use_liger_kernel: true, but liger-kernel is not installed; "
                         "pip install -r requirements-gpu.txt, or set it to false")
@@ -628,6 +629,7 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
         raise UserError(memory.oom_message("train", config.to_dict(), model_p, train_p,
                                            peak_memory_bytes() or 0, total)) from None
     wall = time.perf_counter() - started
+    kernels = train_p.resolved(torch.cuda.is_available(), model_p.bnb_4bit_compute_dtype)
 
     if not trainer.is_world_process_zero():
         return
@@ -650,6 +652,8 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
         "peak_memory_gib": round(peak / 2**30, 3) if peak is not None else None,
         "resumed_from_step": resumed_step,
         "world_size": world_size,
+        # What train.torch_compile / use_liger_kernel "auto" chose on this machine.
+        **{key: getattr(kernels, key) for key in ("torch_compile", "use_liger_kernel")},
     }
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # the checks during training should have stopped it; never report such a run
@@ -768,10 +772,12 @@ def final_dev_metrics(trainer) -> dict:
 def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_ds, dev_ds, output_dir: str,
                   world_size: int = 1, callbacks=None, **sft_overrides):
     """The SFTTrainer of this project: 4-bit base + LoRA, loss on answer tokens. Benchmarks call it too."""
+    import torch
     from trl import SFTTrainer
 
     from stages.modeling import load_model
 
+    train_p = train_p.resolved(torch.cuda.is_available(), model_p.bnb_4bit_compute_dtype)
     model = load_model(model_p)
     trainer = SFTTrainer(
         model=model,
@@ -786,8 +792,11 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         fp32_master_weights(trainer.model)
     trainer.add_callback(keep_trainable_dtypes(trainer.model))
     if train_p.torch_compile:
-        compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs,
-                               checkpointing=train_p.gradient_checkpointing)
+        n = compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs,
+                                   checkpointing=train_p.gradient_checkpointing)
+        # Else the first step's silence (one compilation, ~20-60 s for an 8B layer) reads as a hang.
+        print(f"train: train.torch_compile: compiling the {n} decoder layers as one; the first step takes "
+              "longer (train.torch_compile: false turns it off)")
     if train_p.cuda_graphs:
         evaluate_eagerly(trainer)
     if train_p.padding_free:

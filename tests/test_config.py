@@ -43,6 +43,12 @@ def test_defaults_load_and_match_the_committed_params_file(tmp_path):
      "train.cuda_graphs: true needs train.torch_compile: true"),
     ({"train": {"cuda_graphs": True, "torch_compile": True, "use_liger_kernel": False}},
      "train.cuda_graphs: true needs train.gradient_checkpointing: false"),
+    ({"train": {"torch_compile": "yes"}}, "train.torch_compile: must be true, false or auto, got 'yes'"),
+    ({"train": {"use_liger_kernel": 1}}, "train.use_liger_kernel: expected bool | str, got 1"),
+    ({"train": {"torch_compile": True, "use_liger_kernel": True}},
+     "train.torch_compile: true needs train.use_liger_kernel: false or auto"),
+    ({"train": {"cuda_graphs": True, "torch_compile": "auto", "gradient_checkpointing": False}},
+     "train.cuda_graphs: true needs train.torch_compile: true"),
     ({"model": {"bnb_4bit_quant_type": "int4"}}, "model.bnb_4bit_quant_type: must be nf4 or fp4"),
     ({"prompt": {"template": "no placeholder"}}, "prompt.template: must contain {question}"),
     ({"prompt": {"template": "{question} {oops}"}}, "prompt.template: is not a valid format string"),
@@ -71,6 +77,31 @@ def test_bad_values_name_the_key(tmp_path, sections, expected):
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("train, on_gpu, dtype, compiled, liger", [
+    ({}, True, "bfloat16", True, False),                             # the measured fast path
+    ({}, False, "bfloat16", False, False),                           # CPU: neither
+    ({}, True, "float16", False, True),                              # T4/V100: never measured compiled
+    ({"num_processes": 2}, True, "bfloat16", False, True),           # DDP: likewise
+    ({"use_liger_kernel": True}, True, "bfloat16", False, True),     # Liger asked for: no compile
+    ({"use_liger_kernel": False}, True, "bfloat16", True, False),
+    ({"torch_compile": False}, True, "bfloat16", False, True),       # compile off: Liger instead
+    ({"torch_compile": False, "use_liger_kernel": False}, True, "bfloat16", False, False),
+    ({"torch_compile": True}, False, "bfloat16", True, False),       # asked for: compiled on CPU too
+    ({"use_liger_kernel": True}, False, "bfloat16", False, True),    # (the trainer ignores it on CPU, saying so)
+])
+def test_auto_kernels_resolve_per_machine(tmp_path, train, on_gpu, dtype, compiled, liger):
+    resolved = load_params(write_params(tmp_path, train=train), "train").resolved(on_gpu, dtype)
+    assert (resolved.torch_compile, resolved.use_liger_kernel) == (compiled, liger)
+    assert resolved.resolved(on_gpu, dtype) == resolved  # booleans stay as they are
+
+
+def test_committed_kernels_are_auto(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(committed_text("params.yaml"))
+    train = load_params(path, "train")
+    assert (train.torch_compile, train.use_liger_kernel) == ("auto", "auto")
 
 
 @pytest.mark.parametrize("value, expected", [("2e-4", 2e-4), (1, 1.0), (0.0002, 0.0002)])

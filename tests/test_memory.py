@@ -22,7 +22,10 @@ LLAMA_8B_DIR = ROOT / "tests" / "configs" / "llama-3.1-8b"
 LLAMA_8B = json.loads((LLAMA_8B_DIR / "config.json").read_text())
 QLORA = ModelParams()  # 4-bit NF4, double quant, bf16 compute
 BF16 = dataclasses.replace(QLORA, load_in_4bit=False)
-DEFAULT = TrainParams()  # padding-free 8 rows, Liger, checkpointing, r=32 all-linear, paged 8-bit Adam
+# padding-free 8 rows, checkpointing, r=32 all-linear, paged 8-bit Adam; on a bf16 GPU (what the
+# estimate is for) "auto" compiles the layers, Liger off.
+DEFAULT = TrainParams()
+LIGER = dataclasses.replace(DEFAULT, torch_compile=False, use_liger_kernel=True)
 CARD = dataclasses.replace(DEFAULT, per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False)
 GRAPHS = dataclasses.replace(CARD, use_liger_kernel=False, torch_compile=True, gradient_checkpointing=False,
                              cuda_graphs=True)
@@ -170,10 +173,10 @@ def test_gemma3_real_size_layer_types():
 # ------------------------------------------------------------------- the measured peaks (H200)
 
 @pytest.mark.parametrize("case, train, tokens, measured_gib", [
-    ("default: padding-free 8 rows + Liger", DEFAULT, 2295, 6.67),
+    ("padding-free 8 rows + Liger", LIGER, 2295, 6.67),
     ("card + torch_compile + cuda_graphs, rows padded to 448", GRAPHS, 448, 8.84),
-    ("padding-free + torch_compile", dataclasses.replace(DEFAULT, use_liger_kernel=False, torch_compile=True),
-     2295, 12.34),
+    # bench run 18: peak 7.334 GiB less 0.063 held from before; its largest step had 2,204 tokens
+    ("default: padding-free + torch_compile", DEFAULT, 2204, 7.27),
 ])
 def test_train_estimate_matches_the_h200(case, train, tokens, measured_gib):
     estimate = memory.estimate_train(LLAMA_8B, QLORA, train, tokens=tokens)
@@ -241,7 +244,8 @@ def test_checkpointing_and_compile():
         return memory.estimate_train(LLAMA_8B, QLORA, dataclasses.replace(CARD, **changes))["activations"]
 
     assert act() < act(gradient_checkpointing=False) / 4
-    assert act(use_liger_kernel=False, torch_compile=True) > act(use_liger_kernel=False)
+    assert act(use_liger_kernel=False, torch_compile=True) > act(use_liger_kernel=False, torch_compile=False)
+    assert act() == act(use_liger_kernel=False, torch_compile=True)  # what "auto" is on a bf16 GPU
 
 
 # --------------------------------------------------------------------------- evaluate, auto batch
