@@ -11,13 +11,15 @@ from their configs with random weights (built on the GPU in bf16, saved once per
 on GSM8K-length rows and prompts (bench_model.make_train_rows / make_eval_prompts). Cases per shape,
 in the order they run (the most telling first, so a run cut short by --deadline-s keeps them):
 
-- train_default: params.yaml's train section (8 rows padding-free, Liger, checkpointing), --steps (2) steps;
+- train_default: params.yaml's train section (8 rows padding-free, checkpointing, the kernels "auto" picks:
+  torch_compile on a bf16 GPU; files before it: Liger), --steps (2) steps;
   its adapter is saved to WORKDIR/SHAPE-adapter for eval_default;
 - eval_default: static engine on the dequantized base with train_default's adapter, batch 128,
   256 new tokens (every row decodes all of them: random weights never stop). When train_default did
   not leave an adapter (it failed, or --cases left it out) it runs on the base alone, recorded as
   setting.adapter false (and the estimate counts no adapter);
-- train_card: batch 1 x accumulation 8, padded (padding_free false), --steps - 1 steps (at least 1);
+- train_card: batch 1 x accumulation 8, padded (padding_free false; kernels as train_default), --steps - 1
+  steps (at least 1);
 - eval_4bit: the same as eval_default (the same adapter) on the 4-bit base (evaluate.dequantize: false);
 - train_card_graphs: the card + torch_compile + cuda_graphs (no checkpointing, Liger off), as train_card;
 - train_fp16 (on --fp16-shape only, last): model.bnb_4bit_compute_dtype: float16, --steps steps,

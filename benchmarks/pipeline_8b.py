@@ -72,7 +72,7 @@ def main() -> None:
                            save_steps=max(args.train_steps // 2, 1), max_length=512)
     if args.variant == "card":
         params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,
-                               use_liger_kernel=False)
+                               use_liger_kernel=False, torch_compile=False)
         params["evaluate"].update(dequantize=False, engine="generate", batch_size=64)
     if args.variant == "card-graphs":
         params["train"].update(per_device_train_batch_size=1, gradient_accumulation_steps=8, padding_free=False,

@@ -63,7 +63,7 @@ def main() -> None:
     for name in args.variants.split(","):
         train_p = dataclasses.replace(TrainParams(lora_r=32, lora_alpha=16, lora_dropout=0.05,
                                                   lora_target_modules="all-linear", max_steps=steps, seed=42,
-                                                  use_liger_kernel=False),
+                                                  use_liger_kernel=False, torch_compile=False),
                                       **bench_train.TRAIN_VARIANTS[name])
         hook = ProfileOneStep()
         with bench_train.undo_module_patches():
