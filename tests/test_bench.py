@@ -215,6 +215,33 @@ def test_card_goal_with_and_without_the_memory_clause(card, fast, fast_in_memory
     assert goals["train_effective_batch_8_>=1.2x_unsloth_same_loss"] is None  # nor the peer
 
 
+def test_goals_are_the_default_paths_when_it_ran():
+    """Issue 15's training goals are the default path's: a faster non-default variant does not meet them."""
+    bench = load("bench_report")
+    base = {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9}
+    fast = {"train_tokens_per_second": 3000.0, "peak_allocated_gib": 7.0, "loss_check": "PASS"}
+    slow = {**fast, "train_tokens_per_second": 1500.0}
+    peer = {"train_tokens_per_second": 2000.0}
+    for default, met in ((fast, True), (slow, False)):
+        results = {"train": {"baseline": base, "unsloth": peer, "default": default, "padding_free+compile": fast}}
+        _, goals = bench.ratios_and_goals(results, tiny=False)
+        assert goals["train_effective_batch_8_>=8x_same_loss_no_more_memory"] is met
+        assert goals["train_effective_batch_8_>=1.2x_unsloth_same_loss"] is met
+
+
+def test_model_flop_utilization_counts_the_matmuls_a_trained_token_passes():
+    """6 x (decoder projections + LM head) per token: 45 GFLOP for Llama-3.1-8B; MFU against the GPU's peak."""
+    report = load("bench_report")
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256)
+    per_token = report.train_flops_per_token(shape)
+    assert per_token == pytest.approx(6 * (32 * 218_103_808 + 4096 * 128256))
+    assert 44e9 < per_token < 46e9
+    results = {"gpu": "NVIDIA H200", "shape": shape, "train": {"default": {"train_tokens_per_second": 1000.0}}}
+    assert report.model_flop_utilization(results) == {"default": round(1000.0 * per_token / 989e12, 4)}
+    assert report.model_flop_utilization({**results, "gpu": "cpu"}) == {}  # no peak known: no figure
+
+
 def test_train_variants_run_in_the_order_asked():
     """A compiled variant that follows another one ran faster (bench runs 9 and 10): the order is the caller's."""
     bench = load("bench")
