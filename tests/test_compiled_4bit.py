@@ -58,3 +58,45 @@ def test_compiled_checkpointed_padding_free_trains_what_eager_trains(tiny_model_
     eager, _ = make_trainer(tiny_model_dir, tmp_path / "eager", **common)
     compiled, _ = make_trainer(tiny_model_dir, tmp_path / "compiled", torch_compile=True, **common)
     assert step_losses(compiled) == pytest.approx(step_losses(eager), rel=2e-3)
+
+
+def run_train_stage(model_dir, tmp_path, name: str, **train) -> dict:
+    """`python -m stages.train` as dvc.yaml runs it: a dev pass and a checkpoint mid-run, then the adapter."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_logs import rows as stage_rows
+
+    (tmp_path / "train.jsonl").write_text(stage_rows(16))
+    (tmp_path / "dev.jsonl").write_text(stage_rows(2))
+    params = tmp_path / f"{name}.yaml"
+    params.write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "train": {
+        "max_steps": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "max_length": 128, "warmup_ratio": 0.0,
+        **train}}))
+    out = tmp_path / name
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--params", str(params),
+         "--train-file", str(tmp_path / "train.jsonl"), "--dev-file", str(tmp_path / "dev.jsonl"),
+         "--output-dir", str(out / "adapter"), "--resume-dir", str(out / "resume"), "--metrics", str(out / "train.json"),
+         "--run-info", str(out / "train_run.json")],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    return {**json.loads((out / "train_run.json").read_text()), "stdout": proc.stdout}
+
+
+def test_the_train_stage_compiled_runs_dev_passes_and_checkpoints_and_says_what_ran(tiny_model_dir, tmp_path):
+    """What `torch_compile: auto` does on a bf16 GPU, run through the stage on CPU (where auto does not
+    compile, so the test asks for it): the dev passes (no gradients: a second compilation), a checkpoint
+    mid-run, the adapter; the run file records the kernels that ran, and the losses are the eager stage's."""
+    compiled = run_train_stage(tiny_model_dir, tmp_path, "compiled", torch_compile=True)
+    eager = run_train_stage(tiny_model_dir, tmp_path, "eager")  # auto on CPU: neither compiled nor Liger
+    assert (compiled["torch_compile"], compiled["use_liger_kernel"]) == (True, False)
+    assert (eager["torch_compile"], eager["use_liger_kernel"]) == (False, False)
+    assert "compiling the 2 decoder layers" in compiled["stdout"] and "compiling" not in eager["stdout"]
+    assert compiled["steps"] == eager["steps"] == 4
+    for key in ("dev_loss", "train_loss", "train_loss_mean"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key
