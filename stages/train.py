@@ -794,7 +794,7 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
     if train_p.torch_compile:
         n = compile_decoder_layers(trainer.model, cuda_graphs=train_p.cuda_graphs,
                                    checkpointing=train_p.gradient_checkpointing)
-        # Else the first step's silence (one compilation, ~20-60 s for an 8B layer) reads as a hang.
+        # Else the first step's silence (one compilation: 18-22 s for the 8B shape, bench runs 18-19) reads as a hang.
         print(f"train: train.torch_compile: compiling the {n} decoder layers as one; the first step takes "
               "longer (train.torch_compile: false turns it off)")
     if train_p.cuda_graphs:
