@@ -113,7 +113,8 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
     pf = [fast_and_same(n, GOAL_TRAIN_SPEEDUP) for n in goal_variants]
     goals[f"train_effective_batch_8_>={GOAL_TRAIN_SPEEDUP:g}x_same_loss_no_more_memory"] = (
         any(pf) if any(p is not None for p in pf) else None)
-    # Against the peer's fastest run: the goal path (the default, or in older runs any padding-free one) that trains the same thing as the plain loop.
+    # Against the peer's fastest run: the goal path (the default; in older runs any padding-free one)
+    # that trains the same thing as the plain loop.
     peers = [v["train_tokens_per_second"] for n, v in train.items()
              if n in PEER_VARIANTS and v.get("train_tokens_per_second")]
     ours = {n: train[n]["train_tokens_per_second"] for n in goal_variants
