@@ -51,8 +51,9 @@ from bench_device import (free_memory, gpu_name, peak_memory, quiet_libraries, r
                           slug, versions)
 from bench_eval import (EVAL_VARIANTS, auto_batch, engine_agreement, engine_checks, eval_baseline, eval_project,  # noqa: E402
                         load_project_model)
-from bench_model import (EFFECTIVE_BATCH, EVAL_LENGTHS, GSM8K_TEST_SIZE, TRAIN_LENGTHS, bench_shape,  # noqa: E402
-                         build_model_dir, default_workdir, existing_shape_matches, make_eval_prompts, make_train_rows)
+from bench_model import (ANSWER_LENGTHS, EFFECTIVE_BATCH, EVAL_LENGTHS, GSM8K_TEST_SIZE, TRAIN_LENGTHS, bench_shape,  # noqa: E402
+                         build_model_dir, default_workdir, existing_shape_matches, make_answer_lengths,
+                         make_eval_prompts, make_train_rows)
 from bench_report import loss_agreement, markdown_table, ratios_and_goals, steady_state  # noqa: E402
 from bench_train import TRAIN_VARIANTS, train_baseline, train_project, undo_module_patches  # noqa: E402
 from bench_unsloth import PEER_VARIANTS, compare_with, run_peer  # noqa: E402
@@ -203,7 +204,8 @@ def main(argv=None) -> dict:
     results.update({
         "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "gpu": gpu_name(), "versions": versions(), "tiny": args.tiny, "shape": shape,
-        "lengths": {"train": TRAIN_LENGTHS, "eval": EVAL_LENGTHS, "scale": args.length_scale, "seed": args.seed},
+        "lengths": {"train": TRAIN_LENGTHS, "eval": EVAL_LENGTHS, "answers": ANSWER_LENGTHS, "scale": args.length_scale,
+                    "seed": args.seed},
         "settings": {
             "train_steps": args.train_steps, "warmup_steps_untimed": args.warmup_steps,
             "effective_batch": EFFECTIVE_BATCH, "loss_rtol": args.loss_rtol,
@@ -246,6 +248,9 @@ def eval_plan(args) -> dict:
         # evaluate.batch_size: auto, sized from the free memory once the model is loaded (440 for the plan)
         "static_auto": (static, large * 2 if not args.tiny else large, "static", "dequant"),
         "static_auto_sdpa": (static, large * 2 if not args.tiny else large, "static", "dequant"),
+        # answers ending at GSM8K-like lengths (bench_model.make_answer_lengths): rows take the next questions
+        "static_auto_answers": (static, large * 2 if not args.tiny else large, "static", "dequant"),
+        "static_b256_answers": (static, large, "static", "dequant"),
         "generate_b256": (dequant, large, "generate", "dequant"),
         "generate_b128": (dequant, large // 2, "generate", "dequant"),
         "4bit_b64": (four_bit, small, "generate", "4bit"),
@@ -397,8 +402,11 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             fused = stages.decode.FUSED_STEP_ATTENTION
             stages.decode.FUSED_STEP_ATTENTION = False if name.endswith("_sdpa") else fused
             try:
+                # GSM8K's answers take about half of the default 256-token budget: scaled with the budget
+                answers = make_answer_lengths(n, args.seed, args.new_tokens, args.new_tokens / 256) \
+                    if name.endswith("_answers") else None
                 figures = eval_project(loaded["model"], loaded["tokenizer"], prompts[:n], batch, args.new_tokens,
-                                       engine, GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE)
+                                       engine, GSM8K_TEST_SIZE, warm_up=n < GSM8K_TEST_SIZE, answer_lengths=answers)
             finally:
                 stages.decode.FUSED_STEP_ATTENTION = fused
             # Whether the kernel did the steps: it passed its self-check on this GPU (stages.decode).

@@ -3,8 +3,11 @@
 
 EVAL_VARIANTS: "static_b128"/"static_b256"/"static_auto" (the project's engine, stages/decode.py, on the
 dequantized model; "static_auto_sdpa": the same with its decoding steps' attention left to SDPA instead of
-stages/decode_attention.py's kernel), "generate_b256"/"generate_b128" (transformers' generate on the same model) and "4bit_b64". A
-subset of prompts is extrapolated to the whole split's batch count ("extrapolated": true). Where
+stages/decode_attention.py's kernel; "..._answers": answers that end at GSM8K-like lengths, bench_model.
+make_answer_lengths, where the random weights would run every answer to the budget: the engine's rows
+then take the next questions), "generate_b256"/"generate_b128" (transformers' generate on the same
+model) and "4bit_b64". A subset of prompts is extrapolated to the whole split's batch count
+("extrapolated": true). Where
 static_b256 and generate_b256 decoded the same prompts, `engine_agreement` and `engine_checks` say how
 far the two engines agree (bf16 near-ties may differ; the checks do not depend on them).
 """
@@ -19,8 +22,8 @@ from bench_model import as_question, load_plain_4bit
 # Run in this order, so that a short budget drops the least needed last. The static_* and generate_*
 # variants share one dequantized model; "static" is the project's engine (stages/decode.py, evaluate.engine: static),
 # "generate" transformers' generate() on the same model (evaluate.engine: generate).
-EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_auto", "static_auto_sdpa", "static_b256", "generate_b256",
-                 "generate_b128", "4bit_b64")
+EVAL_VARIANTS = ("baseline_4bit_b64", "static_b128", "static_auto", "static_auto_sdpa", "static_b256",
+                 "static_auto_answers", "static_b256_answers", "generate_b256", "generate_b128", "4bit_b64")
 
 
 def full_split_wall(wall_s: float, batches_run: int, prompts_run: int, batch_size: int, n_full: int) -> float:
@@ -95,8 +98,10 @@ def auto_batch(workdir: str, model, prompts: list[list[int]], new_tokens: int, n
 
 
 def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, new_tokens: int, engine: str,
-                 n_full: int, warm_up: bool) -> dict:
-    """stages.evaluate.generate unchanged; prompts go in as questions that encode to exactly their ids."""
+                 n_full: int, warm_up: bool, answer_lengths: list[int] | None = None) -> dict:
+    """stages.evaluate.generate unchanged; prompts go in as questions that encode to exactly their ids.
+    `answer_lengths` (static engine): question i's answer counts as ended once it has that many tokens,
+    as an EOS would end it, at the engine's next look."""
     import stages.decode
     import stages.evaluate
     from stages.config import EvaluateParams, PromptParams
@@ -113,17 +118,23 @@ def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, ne
     encoded = encode_prompt(tokenizer, render_prompt(tokenizer, prompt_p, questions[0]), prompt_p)
     if encoded != prompts[0]:
         raise RuntimeError("benchmark tokenizer does not round-trip the prompt ids")
-    # Per-batch times (the first includes one-off costs), from the call each engine makes per batch.
+    # Seconds per engine call (the static engine: one for the whole split; generate: per batch).
     owner, attr = (stages.decode, "greedy_decode") if engine == "static" else (model, "generate")
     original = getattr(owner, attr)
-    batch_seconds = []
+    batch_seconds, decoded = [], []
 
     def timed(*args, **kwargs):
+        if answer_lengths is not None:
+            args = list(args)
+            ended = args[5]
+            args[5] = lambda i, ids: len(ids) >= answer_lengths[i] or ended(i, ids)
         sync()
         t = time.perf_counter()
         out = original(*args, **kwargs)
         sync()
         batch_seconds.append(round(time.perf_counter() - t, 3))
+        if answer_lengths is not None:
+            decoded.extend(len(ids) for ids in out)
         return out
 
     if warm_up:  # the subset will be extrapolated: keep one-off start-up costs out of it
@@ -138,7 +149,12 @@ def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, ne
         wall = time.perf_counter() - started
     finally:
         setattr(owner, attr, original)
-    batches = len(batch_seconds)
+    if answer_lengths is not None:
+        # As the stage counts an answer's tokens: up to its end (the rest, up to the look that saw the
+        # end, was decoded and is cut).
+        generated = sum(answer_lengths[:len(prompts)])
+    # The static engine runs the split through `batch_size` rows in one call; as batches, for extrapolating.
+    batches = math.ceil(len(prompts) / batch_size) if engine == "static" else len(batch_seconds)
     figures = {"prompts": len(prompts), "batch_size": batch_size, "engine": engine, "batches": batches,
                "batch_seconds": batch_seconds, "generated_tokens": generated,
                "generated_tokens_expected": len(prompts) * new_tokens,
@@ -146,7 +162,9 @@ def eval_project(model, tokenizer, prompts: list[list[int]], batch_size: int, ne
                "generated_tokens_per_second": round(generated / wall, 1),
                "wall_seconds_full_split": round(full_split_wall(wall, batches, len(prompts), batch_size, n_full), 1),
                "extrapolated": len(prompts) < n_full, "texts": texts}
-    if batches > 1 and sum(batch_seconds[1:]) > 0:  # steady state: without compilation / first-call costs
+    if answer_lengths is not None:
+        figures.update(generated_tokens_expected=generated, decoded_tokens=sum(decoded))
+    if engine != "static" and batches > 1 and sum(batch_seconds[1:]) > 0:  # without the first call's one-off costs
         rest_tokens = generated - min(batch_size, len(prompts)) * new_tokens
         figures["tokens_per_second_after_first_batch"] = round(rest_tokens / sum(batch_seconds[1:]), 1)
     return figures
@@ -165,20 +183,16 @@ def engine_checks(model, tokenizer, prompts: list[list[int]], texts: dict, rows:
       gives hundredths)."""
     import torch
 
-    from stages.decode import allocate_cache, greedy_decode
-    from stages.evaluate import make_batches
+    from stages.decode import greedy_decode
 
     device = next(model.parameters()).device
     checks = {}
     if device.type == "cuda":
-        (_, batch), *_ = make_batches(prompts[:64], 64, tokenizer.pad_token_id, device)
-        buffers = allocate_cache(model.config, 64, batch.width + 63, model.dtype, device)
         with torch.inference_mode():
-            graph = greedy_decode(model, batch, 64, buffers, lambda _: False, use_graph=True)
-            eager = greedy_decode(model, batch, 64, buffers, lambda _: False, use_graph=False)
-        del buffers
+            graph, eager = (greedy_decode(model, prompts[:64], 64, 64, tokenizer.pad_token_id, lambda i, ids: False,
+                                          use_graph=use_graph) for use_graph in (True, False))
         checks["graph_vs_eager"] = {"rows": 64, "new_tokens": 64,
-                                    "identical_rows": int((graph == eager).all(dim=1).sum())}
+                                    "identical_rows": sum(a == b for a, b in zip(graph, eager))}
     for engine, completions in texts.items():
         matches, total, worst = 0, 0, 0.0
         for prompt, text in zip(prompts[:rows], completions[:rows]):

@@ -206,6 +206,20 @@ def make_eval_prompts(n: int, vocab_size: int, seed: int, scale: float = 1.0) ->
             for _ in range(n)]
 
 
+# Where a GSM8K answer ends, in tokens: the benchmark's training rows' answers (TRAIN_LENGTHS: 240 in
+# all less a 110-token prompt, sd ~sqrt(60^2 - 20^2)), at least 30, at most the generation budget.
+ANSWER_LENGTHS = dict(mean=130, sd=57, min=30)
+
+
+def make_answer_lengths(n: int, seed: int, budget: int, scale: float = 1.0) -> list[int]:
+    """How many tokens each of n answers runs before it ends (random weights never end one)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 2)
+    d = scaled(ANSWER_LENGTHS, scale)
+    return [clipped_normal(rng, d["mean"], d["sd"], min(d["min"], budget), budget) for _ in range(n)]
+
+
 def as_question(prompt_ids: list[int]) -> str:
     """The question text that the benchmark tokenizer encodes (with template "{question}") to prompt_ids."""
     return " ".join(f"w{i}" for i in prompt_ids[1:])

@@ -3,7 +3,8 @@
 Where the static engine's evaluation time goes (Llama-3.1-8B shape, random weights, dequantized as
 evaluate.dequantize does, GSM8K-test-length prompts): for batch 1,319 (evaluate.batch_size: auto on an
 H200) and 128 (a 40 GB card), the prefill alone and the seconds per decoding step (steps 33-96 of
-stages.decode.greedy_decode, CUDA graphs on), under each SDPA backend that takes a float mask; then a
+stages.decode.greedy_decode, CUDA graphs on; written for the engine of run 17, which decoded a batch
+without taking further questions into its rows), under each SDPA backend that takes a float mask; then a
 torch.profiler table (CUDA time per op) of the prefill alone and of the prefill + 32 eager steps.
 Then training: padding-free + torch_compile with the 4-bit projections written as dequantize + linear
 (stages.train.recomputable_4bit_matmuls) and without (bitsandbytes' own matmul), tokens/s and peak memory.
@@ -36,7 +37,7 @@ def timed(fn):
 
 
 def stop_after(n_tokens):
-    return lambda tokens: tokens.shape[1] >= n_tokens
+    return lambda i, ids: len(ids) >= n_tokens
 
 
 def grouped_matmul_attention(original):
@@ -64,8 +65,7 @@ def decode_section(workdir, shape, batches, new_tokens, tiny, out, save):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     import stages.decode
-    from stages.decode import CHECK_EVERY, allocate_cache, greedy_decode
-    from stages.evaluate import make_batches
+    from stages.decode import CHECK_EVERY, greedy_decode
 
     model, tokenizer = bench_eval.load_project_model(workdir, dequantize=True)
     device = next(model.parameters()).device
@@ -83,9 +83,13 @@ def decode_section(workdir, shape, batches, new_tokens, tiny, out, save):
         return [(slice(s, min(s + rows, len(lengths))), max(lengths)) for s in range(0, len(lengths), rows)]
     for rows in batches:
         reference = None
-        (_, batch), *_ = make_batches(prompts[:rows], rows, tokenizer.pad_token_id, device)
-        buffers = allocate_cache(model.config, rows, batch.width + new_tokens - 1, model.dtype, device)
-        entry = out["decode"].setdefault(str(rows), {"width": batch.width, "mean_prompt": sum(batch.lengths) / rows})
+        batch = prompts[:rows]
+        entry = out["decode"].setdefault(str(rows), {"width": max(map(len, batch)),
+                                                     "mean_prompt": sum(map(len, batch)) / rows})
+
+        def decode(n_new, n_stop, graph=on_gpu, batch=batch, rows=rows):
+            return greedy_decode(model, batch, rows, n_new, tokenizer.pad_token_id, stop_after(n_stop), use_graph=graph)
+
         for name, backend in backends.items():
             ctx = sdpa_kernel(backend) if backend is not None else torch.autocast("cpu", enabled=False)
             stages.decode.prefill_chunks = padded if "prefill at" in name else chunked
@@ -93,12 +97,11 @@ def decode_section(workdir, shape, batches, new_tokens, tiny, out, save):
                 ALL_ATTENTION_FUNCTIONS["sdpa"] = grouped_matmul_attention(ALL_ATTENTION_FUNCTIONS["sdpa"])
             try:
                 with ctx, torch.inference_mode():
-                    greedy_decode(model, batch, 1, buffers, stop_after(1), use_graph=on_gpu)  # warm-up
-                    prefill, _ = timed(lambda: greedy_decode(model, batch, 1, buffers, stop_after(1), use_graph=on_gpu))
-                    short, _ = timed(lambda: greedy_decode(model, batch, new_tokens, buffers, stop_after(first),
-                                                           use_graph=on_gpu))
-                    long_, tokens = timed(lambda: greedy_decode(model, batch, new_tokens, buffers, stop_after(last),
-                                                                use_graph=on_gpu))
+                    decode(1, 1)  # warm-up
+                    prefill, _ = timed(lambda: decode(1, 1))
+                    short, _ = timed(lambda: decode(new_tokens, first))
+                    long_, tokens = timed(lambda: decode(new_tokens, last))
+                tokens = torch.tensor([ids[:last] for ids in tokens])
                 step_ms = (long_ - short) / (last - first) * 1e3
                 entry[name] = {"prefill_s": round(prefill, 3), "step_ms": round(step_ms, 2),
                                "estimated_full_batch_s": round(prefill + (new_tokens - 1) * step_ms / 1e3, 2)}
@@ -120,13 +123,11 @@ def decode_section(workdir, shape, batches, new_tokens, tiny, out, save):
 
             for label, n_tokens in (("prefill", 1), ("prefill+32_eager_steps", first)):
                 with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    greedy_decode(model, batch, new_tokens if n_tokens > 1 else 1, buffers, stop_after(n_tokens),
-                                  use_graph=False)
+                    decode(new_tokens if n_tokens > 1 else 1, n_tokens, graph=False)
                     bench_device.sync()
                 entry[f"profile/{label}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                                                       max_name_column_width=60)
                 save()
-        del buffers
         bench_device.free_memory()
     bench_device.release({"model": model})
     del model

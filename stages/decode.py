@@ -19,39 +19,43 @@ scores, so a boolean mask would mask nothing there. A model it cannot vouch for 
 kind, flash_attention_2, a forward that would not take one mask per layer type) is refused before
 anything is generated (`check_engine_supports`). Only plain greedy argmax is done (no logits
 processors), which is what published GSM8K numbers use. On CPU the same loop runs without graphs.
+
+The batch is a set of rows that questions flow through: when a row's answer has ended (EOS, a stop
+string, or its max_new_tokens), the next question is prefilled into that row while the others go
+on, so that real answers of very different lengths do not leave rows idle until the longest one in
+a batch ends. Each row is a question of its own: its prompt and tokens sit in its own slots under
+its own mask and RoPE positions, so what it decodes does not depend on the row, the slots or its
+neighbours (tests/test_decode.py, test_decode_families.py: token for token against `generate`).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import deque
 
 # Prompt tokens per prefill forward: bounds the prefill's activations (~0.9 GB for an 8B model)
 # while keeping its matmuls large.
 PREFILL_TOKENS = 8192
-# Steps between two looks at the generated tokens (a host sync): stop early once every row has
-# ended, without stalling the GPU every step.
-CHECK_EVERY = 32
+# Steps between two looks at the generated tokens (a host sync, with the GPU idle while the host
+# checks each row for EOS and stop strings): rows whose answer ended get the next questions. A row
+# waits for the next look after its answer ends, CHECK_EVERY / 2 steps on average, ~6% of a GSM8K
+# answer (~130 tokens); looking more often costs more host time per step.
+CHECK_EVERY = 16
 # The decoding step's sdpa attention through stages/decode_attention.py's kernel: "auto" on CUDA when
 # Triton imports, True forces it (the CPU tests, under Triton's interpreter), False never.
 FUSED_STEP_ATTENTION: bool | str = "auto"
 
 
-@dataclass
-class Batch:
-    """One left-padded batch: its prompts end at the same slot, where decoding starts."""
-    input_ids: object   # [rows, width] long
-    lengths: list       # real prompt tokens per row
-    width: int
-
-
 class SlotCache:
     """Per layer, keys and values of shape [rows, kv_heads, slots, head_dim], written in place.
 
-    It stands in for transformers' Cache: the attention layers call `update`. The slot written by
-    a decoding step is `position`, a device tensor, so a recorded graph reads the current value
-    on every replay. During prefill `prefill_rows` selects the chunk of rows being filled and
-    `prefill_slots` the prompt slots that chunk's forward covers (its own longest prompt, right-aligned
-    at the batch's width), and only those are returned, so the prefill attends over the prompt alone.
+    It stands in for transformers' Cache: the attention layers call `update`. The slots are a ring:
+    every row's decoding step writes slot `position` (a device tensor, so that a recorded graph reads
+    the current value on every replay), which moves on by one per step and wraps around; a question
+    put into a row has its prompt written into the slots just behind `position`. A question's prompt
+    and answer fit the ring (slots = longest prompt + max_new_tokens - 1), so no slot it still attends
+    to is overwritten before it ends. During a prefill `prefill_rows` (the rows being filled) and
+    `prefill_slots` (the slots their left-padded prompts go to) are long tensors, and the prefill
+    attends over the prompts alone.
     """
 
     def __init__(self, keys: list, values: list):
@@ -59,16 +63,20 @@ class SlotCache:
 
         self.keys, self.values = keys, values
         self.position = torch.zeros(1, dtype=torch.long, device=keys[0].device)
-        self.prefill_rows: slice | None = None
-        self.prefill_slots: slice | None = None
+        self.prefill_rows = None
+        self.prefill_slots = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_rows is not None:
-            rows, slots = self.prefill_rows, self.prefill_slots
-            keys[rows, :, slots] = key_states
-            values[rows, :, slots] = value_states
-            return keys[rows, :, slots], values[rows, :, slots]
+            import torch
+
+            # [rows, kv_heads, width] indices: each row's prompt into its slots, every head.
+            index = (self.prefill_rows[:, None, None], torch.arange(keys.shape[1], device=keys.device)[None, :, None],
+                     self.prefill_slots[None, None, :])
+            keys.index_put_(index, key_states.to(keys.dtype))
+            values.index_put_(index, value_states.to(values.dtype))
+            return key_states.to(keys.dtype), value_states.to(values.dtype)
         keys.index_copy_(2, self.position, key_states)
         values.index_copy_(2, self.position, value_states)
         return keys, values
@@ -82,8 +90,7 @@ def cache_geometry(config) -> tuple[int, int, int]:
 
 
 def allocate_cache(config, rows: int, slots: int, dtype, device) -> tuple[list, list]:
-    """Cache buffers for the largest batch; smaller batches use views of them (no reallocation,
-    no fragmentation between batches)."""
+    """Cache buffers, every layer at full length (stages.memory sizes evaluate.batch_size by them)."""
     import torch
 
     layers, kv_heads, head_dim = cache_geometry(config)
@@ -97,7 +104,7 @@ def prefill_chunks(lengths: list[int]) -> list[tuple[slice, int]]:
     """(rows, width) per prefill forward: consecutive rows, each chunk padded only to its own longest
     prompt, at most PREFILL_TOKENS tokens (one row at least; stages.memory sizes the prefill by that).
     Prefilling every chunk at the batch's width computed ~45% padding on GSM8K-length prompts sorted
-    longest first (evaluate's batches); a chunk's padding slots are masked anyway."""
+    longest first (the engine's order); a chunk's padding slots are masked anyway."""
     chunks, start = [], 0
     while start < len(lengths):
         end, width = start + 1, lengths[start]
@@ -310,102 +317,164 @@ def _as_model_mask(masks: dict, kinds: list[str]):
     return masks[kinds[0]] if len(set(kinds)) == 1 else masks
 
 
-def greedy_decode(model, batch: Batch, new_tokens: int, buffers: tuple[list, list], finished, use_graph: bool):
-    """Greedy continuation of `batch`: a [rows, new_tokens] long tensor on the model's device.
+def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, pad_id: int, ended, use_graph: bool,
+                  progress=None) -> list[list[int]]:
+    """Greedy continuations of `prompts` (token ids), through a batch of `rows` rows: per prompt, in
+    input order, the ids generated until its answer was seen to end (at most `new_tokens`).
 
-    `finished(tokens_so_far) -> bool` is asked every CHECK_EVERY steps with the tokens generated so
-    far (on the CPU); when it says every row has ended, decoding stops and the rest stays pad (0).
+    `ended(index, ids) -> bool` is asked every CHECK_EVERY steps for each question being decoded,
+    with the ids generated so far (ids after the end are the model's and are left to the caller to
+    cut); a question also ends at `new_tokens`. Its row then takes the next question. Questions go
+    in longest prompt first, which sizes the slots and keeps each prefill's padding small.
+    `progress(n)` is told of every n questions done.
     """
     import torch
 
     check_engine_supports(model)
     kinds = layer_kinds(model)
-    window = _unwrap(model)[0].config.get_text_config().sliding_window if SLIDING in kinds else None
+    lm_config = _unwrap(model)[0].config.get_text_config()
+    window = lm_config.sliding_window if SLIDING in kinds else None
     # The dtype the attention scores have: a float mask of any other dtype is refused by sdpa.
     dtype = model.get_input_embeddings().weight.dtype
-    device = batch.input_ids.device
-    rows, width = batch.input_ids.shape
-    slots = width + new_tokens - 1
-    cache = SlotCache([k[:rows, :, :slots] for k in buffers[0]], [v[:rows, :, :slots] for v in buffers[1]])
-    out = torch.zeros(rows, new_tokens, dtype=torch.long, device=device)
-    lengths = torch.as_tensor(batch.lengths, device=device)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    results: list = [None] * len(prompts)
+    if not order:
+        return results
+    rows = max(1, min(rows, len(prompts)))
+    slots = len(prompts[order[0]]) + new_tokens - 1
+    cache = SlotCache(*allocate_cache(lm_config, rows, slots, dtype, device))
 
-    # Prefill, a chunk of rows at a time, each over the last `part_width` slots (its longest prompt);
-    # the slots left of those stay unwritten and masked. Only the last position's logits are computed.
-    positions_all = (torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]).clamp(min=0)
-    for part, part_width in prefill_chunks(list(batch.lengths)):
-        cols = slice(width - part_width, width)
-        cache.prefill_rows, cache.prefill_slots = part, cols
-        masks = {kind: prefill_mask(batch.lengths[part], part_width, device, dtype, window if kind == SLIDING else None)
-                 for kind in set(kinds)}
-        logits = model(input_ids=batch.input_ids[part, cols], attention_mask=_as_model_mask(masks, kinds),
-                       position_ids=positions_all[part, cols], past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits
-        out[part, 0] = logits[:, -1].argmax(-1)
-    cache.prefill_rows = cache.prefill_slots = None
-    del logits, masks
-    if new_tokens == 1:
-        return out
-
-    # Decoding state, updated in place so that a recorded graph sees it.
-    tokens = out[:, :1].clone()
-    positions = lengths[:, None].clone()          # the next token's RoPE position, per row
-    cache.position.fill_(width)                   # the next token's slot, shared by all rows
-    # The full mask: the real prompt keys, then each slot as a step writes it. The sliding mask is
-    # the full one with the slots `window` or more behind the written slot masked too, rewritten
-    # from it every step (in place: a slot leaves the window as the written slot moves on).
+    # Decoding state, updated in place so that a recorded graph sees it; a row's entries are reset
+    # when it takes a question. `out[:, -1]` is a scratch column for rows with nothing left to decode.
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)      # the token each step feeds in
+    positions = torch.zeros(rows, 1, dtype=torch.long, device=device)   # its RoPE position
+    out = torch.zeros(rows, new_tokens + 1, dtype=torch.long, device=device)
+    column = torch.zeros(rows, dtype=torch.long, device=device)         # where in `out` the step writes
+    # Per row, the additive mask over the slots: its prompt's real keys, then each slot as a step
+    # writes it. The sliding mask is the full one with slots `window` or more steps behind the
+    # written one masked too (ages counted around the ring), rewritten from it every step.
     lowest = torch.finfo(dtype).min
     full = torch.full((rows, 1, 1, slots), lowest, dtype=dtype, device=device)
-    full[:, 0, 0, :width] = additive(real_keys(batch.lengths, width, device), dtype)
     masks = {FULL: full}
     if window is not None:
         masks[SLIDING] = torch.empty_like(full)
         slot_ids = torch.arange(slots, device=device)
         masked = torch.tensor(lowest, dtype=dtype, device=device)
     step_mask = _as_model_mask({kind: masks[kind] for kind in set(kinds)}, kinds)
-    column = torch.ones(1, dtype=torch.long, device=device)  # where the step's token goes in `out`
-    lm_config = _unwrap(model)[0].config.get_text_config()
     _, kv_heads, head_dim = cache_geometry(lm_config)
     step_attention = _StepAttention(fused_step_attention_wanted(device, lm_config.num_attention_heads, kv_heads,
                                                                 head_dim, dtype))
+    write = len(prompts[order[0]])  # the slot the next step writes, as the host counts it
+    cache.position.fill_(write)
+
+    def fill(free_rows: list[int], questions: list[int]) -> None:
+        """Prefill `questions` (longest first) into `free_rows`: their prompts right-aligned just
+        behind the slot the next step writes, a chunk of rows per forward, each chunk padded only to
+        its own longest prompt (the slots left of it keep another question's keys, masked)."""
+        lengths = [len(prompts[i]) for i in questions]
+        for part, width in prefill_chunks(lengths):
+            chunk, chunk_rows = questions[part], torch.tensor(free_rows[part], device=device)
+            chunk_lengths = lengths[part]
+            ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
+            lengths_t = torch.as_tensor(chunk_lengths, device=device)
+            prompt_slots = (torch.arange(write - width, write, device=device)) % slots
+            cache.prefill_rows, cache.prefill_slots = chunk_rows, prompt_slots
+            chunk_masks = {kind: prefill_mask(chunk_lengths, width, device, dtype, window if kind == SLIDING else None)
+                           for kind in set(kinds)}
+            chunk_positions = (torch.arange(width, device=device)[None, :] - (width - lengths_t)[:, None]).clamp(min=0)
+            try:
+                logits = model(input_ids=ids, attention_mask=_as_model_mask(chunk_masks, kinds),
+                               position_ids=chunk_positions, past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits
+            finally:
+                cache.prefill_rows = cache.prefill_slots = None
+            first = logits[:, -1].argmax(-1)
+            out[chunk_rows] = 0
+            out[chunk_rows, 0] = first
+            tokens[chunk_rows, 0] = first
+            positions[chunk_rows, 0] = lengths_t
+            column[chunk_rows] = 1
+            row_mask = torch.full((len(chunk), slots), lowest, dtype=dtype, device=device)
+            row_mask[:, prompt_slots] = additive(real_keys(chunk_lengths, width, device), dtype)
+            full[chunk_rows, 0, 0] = row_mask
+            del logits
 
     def step():
         full.index_fill_(3, cache.position, 0.0)
         if window is not None:
-            torch.where(slot_ids > cache.position - window, full, masked, out=masks[SLIDING])
+            age = (cache.position - slot_ids).remainder(slots)
+            torch.where(age < window, full, masked, out=masks[SLIDING])
         with step_attention:
             logits = model(input_ids=tokens, attention_mask=step_mask, position_ids=positions, past_key_values=cache,
                            use_cache=True).logits
         tokens.copy_(logits[:, -1:].argmax(-1))
-        out.index_copy_(1, column, tokens)
+        out.scatter_(1, column[:, None], tokens)
         positions.add_(1)
-        cache.position.add_(1)
-        column.add_(1)
+        cache.position.add_(1).remainder_(slots)
+        column.add_(1).clamp_(max=new_tokens)
 
-    replay = step
-    steps = new_tokens - 1
-    if use_graph:
-        # A first step runs for real on a side stream (CUDA graphs need warmed-up kernels and
-        # allocator); recording does not execute, so the state stays that of after this step.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        steps -= 1
-        # Its own memory pool, freed with the graph when this batch is done. (A pool shared by the
-        # batches' graphs trips an allocator assert in torch 2.11 once the first graph is freed.)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                step()
-            replay = graph.replay
-        except RuntimeError as exc:  # a model whose forward talks to the host cannot be recorded
-            print(f"decode: CUDA graph capture failed ({str(exc).splitlines()[0][:200]}); decoding without graphs")
-    done_steps = new_tokens - 1 - steps
-    for i in range(steps):
-        replay()
-        done_steps += 1
-        if (i + 1) % CHECK_EVERY == 0 and finished(out[:, :done_steps + 1].cpu()):
-            break
-    return out
+    replay = None
+
+    def run_steps(k: int) -> None:
+        nonlocal replay
+        if replay is None:
+            replay = step
+            if use_graph:
+                # A first step runs for real on a side stream (CUDA graphs need warmed-up kernels and
+                # allocator); recording does not execute, so the state stays that of after this step.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+                k -= 1
+                # Its own memory pool, freed with the graph when decoding is done.
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph):
+                        step()
+                    replay = graph.replay
+                except RuntimeError as exc:  # a model whose forward talks to the host cannot be recorded
+                    print(f"decode: CUDA graph capture failed ({str(exc).splitlines()[0][:200]}); "
+                          "decoding without graphs")
+        for _ in range(k):
+            replay()
+
+    queue = deque(order)
+    occupant: list = [None] * rows   # the question each row decodes
+    done = [0] * rows                # tokens it has generated
+    first = [queue.popleft() for _ in range(rows)]
+    fill(list(range(rows)), first)
+    for r, i in enumerate(first):
+        occupant[r], done[r] = i, 1
+    while True:
+        generated = out.cpu()
+        finished = 0
+        for r, i in enumerate(occupant):
+            if i is None:
+                continue
+            ids = generated[r, :done[r]].tolist()
+            if done[r] >= new_tokens or ended(i, ids):
+                results[i], occupant[r] = ids, None
+                finished += 1
+        if progress and finished:
+            progress(finished)
+        free = [r for r, i in enumerate(occupant) if i is None]
+        if queue and free:
+            taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+            fill(free[:len(taken)], taken)
+            for r, i in zip(free, taken):
+                occupant[r], done[r] = i, 1
+        active = [r for r, i in enumerate(occupant) if i is not None]
+        if not active:
+            return results
+        # Up to the next look, and never past an active question's budget: its tokens stay in `out`
+        # and its slots are not yet needed by the ring (rows with no question run on, unread).
+        k = min(CHECK_EVERY, min(new_tokens - done[r] for r in active))
+        if k <= 0:
+            continue
+        run_steps(k)
+        write = (write + k) % slots
+        for r in active:
+            done[r] += k

@@ -42,39 +42,37 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, scale, lowe
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
-    # The blocks of slots the mask allows anything in: a left-padded row's leading padding and the
-    # slots not yet written are whole blocks of `lowest` (the engine's masked value), whose weights
-    # would be exactly 0; reading the mask row (2 bytes a slot) spares reading their keys and values
-    # (2 x 2 x dim bytes a slot). A row with nothing allowed is attended whole, as SDPA does.
-    lo = tl.zeros([], tl.int32) + slots  # tensors from the start: a loop-carried value keeps its type
-    hi = tl.zeros([], tl.int32)
+    # Only the blocks of slots the mask allows anything in: a row's slots not yet written, those of
+    # the question the row held before and a left-padded prompt's padding are whole blocks of
+    # `lowest` (the engine's masked value), whose weights would be exactly 0; reading the mask row
+    # (2 bytes a slot) spares reading their keys and values (2 x 2 x dim bytes a slot). The allowed
+    # slots need not be contiguous (the engine's slots are a ring). A row with nothing allowed is
+    # attended whole, as SDPA does.
+    anything = tl.zeros([], tl.int32)  # a tensor from the start: a loop-carried value keeps its type
     for start in range(0, slots, BLOCK):
         n = start + tl.arange(0, BLOCK)
         bias = tl.load(bias_ptr + row * stride_bb + n, mask=n < slots, other=lowest).to(tl.float32)
-        seen = tl.max(((bias > lowest) & (n < slots)).to(tl.int32), axis=0)
-        lo = tl.where(seen > 0, tl.minimum(lo, start), lo)
-        hi = tl.where(seen > 0, start + BLOCK, hi)
-    nothing = hi == 0
-    lo = tl.where(nothing, 0, lo)
-    hi = tl.where(nothing, slots, hi)
+        anything = tl.maximum(anything, tl.max(((bias > lowest) & (n < slots)).to(tl.int32), axis=0))
     best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-    for start in range(lo, hi, BLOCK):
+    for start in range(0, slots, BLOCK):
         n = start + tl.arange(0, BLOCK)
         n_ok = n < slots
-        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
         bias = tl.load(bias_ptr + row * stride_bb + n, mask=n_ok, other=float("-inf")).to(tl.float32)
-        scores = scores + bias[None, :]
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        rescale = tl.exp(best - new_best)
-        p = tl.exp(scores - new_best[:, None])
-        total = total * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        p = p.to(v.dtype).to(tl.float32)  # rounded as SDPA rounds the probabilities
-        acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
-        best = new_best
+        seen = tl.max(((bias > lowest) & n_ok).to(tl.int32), axis=0)
+        if (seen > 0) | (anything == 0):
+            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION) * scale
+            scores = scores + bias[None, :]
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            rescale = tl.exp(best - new_best)
+            p = tl.exp(scores - new_best[:, None])
+            total = total * rescale + tl.sum(p, axis=1)
+            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            p = p.to(v.dtype).to(tl.float32)  # rounded as SDPA rounds the probabilities
+            acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+            best = new_best
     out = acc / total[:, None]
     tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=g_ok[:, None] & d_ok[None, :])

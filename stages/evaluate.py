@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.config import EvaluateParams, ModelParams, PromptParams, load_params
@@ -24,11 +25,18 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def make_batches(encoded: list[list[int]], batch_size: int, pad_id: int, device) -> list[tuple[list[int], object]]:
-    """(question indices, left-padded stages.decode.Batch) per batch, in length_sorted_batches' order."""
-    import torch
+@dataclass
+class Batch:
+    """One left-padded batch for `generate`: its prompts end at the same column."""
+    input_ids: object   # [rows, width] long
+    lengths: list       # real prompt tokens per row
+    width: int
 
-    from stages.decode import Batch
+
+def make_batches(encoded: list[list[int]], batch_size: int, pad_id: int, device) -> list[tuple[list[int], Batch]]:
+    """(question indices, left-padded Batch) per batch, in length_sorted_batches' order: the batches
+    `evaluate.engine: generate` runs (the static engine refills its rows instead)."""
+    import torch
 
     batches = []
     for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
@@ -124,10 +132,6 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
     import torch
     from tqdm.auto import tqdm
 
-    from stages.decode import allocate_cache, greedy_decode
-
-    texts: list[str] = [""] * len(encoded)
-    generated_tokens = 0
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     eos_ids = end_token_ids(model, tokenizer)
@@ -135,43 +139,33 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
     # lm-eval (after an answer's EOS, both fill with pad, which the EOS precedes).
     end_ids = set(eos_ids)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    batches = make_batches(encoded, eval_p.batch_size, pad_id, device)
-    if eval_p.engine == "static" and batches:
-        from stages.decode import check_engine_supports
+    new_ids: list = [None] * len(encoded)
+    if eval_p.engine == "static":
+        from stages.decode import greedy_decode
 
-        check_engine_supports(model)  # before any batch: a model it cannot vouch for gives no numbers
-        rows, width = batches[0][1].input_ids.shape  # the first batch is the largest and the longest
-        buffers = allocate_cache(model.config, rows, width + max_new_tokens - 1, model.dtype, device)
-        use_graph = device.type == "cuda"
+        with torch.inference_mode(), tqdm(total=len(encoded), desc="evaluate", unit="question",
+                                          disable=not show_progress) as bar:
+            try:
+                new_ids = greedy_decode(model, encoded, eval_p.batch_size, max_new_tokens, pad_id,
+                                        lambda _, ids: answer_length(ids, decode, stop, end_ids)[1],
+                                        use_graph=device.type == "cuda", progress=bar.update)
+            except torch.OutOfMemoryError:
+                raise
+            except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+                # An architecture whose forward wants more of transformers' Cache than
+                # stages/decode.py provides: say which setting avoids it.
+                raise UserError(f"params.yaml: evaluate.engine: static cannot decode {type(model).__name__} "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                "set evaluate.engine: generate") from exc
     else:
         # Built once: generate(stop_strings=…) rebuilds this per call, seconds each on a 128k vocabulary.
         from transformers import StoppingCriteriaList, StopStringCriteria
 
         stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, stop)]) if stop else None
-
-    for indices, batch in tqdm(batches, desc="evaluate", unit="batch", disable=not show_progress):
-        with torch.inference_mode():
-            if eval_p.engine == "static":
-                ended_rows: set[int] = set()
-
-                def finished(tokens) -> bool:
-                    for row, ids in enumerate(tokens.tolist()):
-                        if row not in ended_rows and answer_length(ids, decode, stop, end_ids)[1]:
-                            ended_rows.add(row)
-                    return len(ended_rows) == len(indices)
-
-                try:
-                    new = greedy_decode(model, batch, max_new_tokens, buffers, finished, use_graph)
-                except torch.OutOfMemoryError:
-                    raise
-                except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
-                    # An architecture whose forward wants more of transformers' Cache than
-                    # stages/decode.py provides: say which setting avoids it.
-                    raise UserError(f"params.yaml: evaluate.engine: static cannot decode {type(model).__name__} "
-                                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                                    "set evaluate.engine: generate") from exc
-            else:
-                attention_mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths], device=device)
+        for indices, batch in tqdm(make_batches(encoded, eval_p.batch_size, pad_id, device), desc="evaluate",
+                                   unit="batch", disable=not show_progress):
+            attention_mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths], device=device)
+            with torch.inference_mode():
                 out = model.generate(
                     input_ids=batch.input_ids,
                     attention_mask=attention_mask,
@@ -183,11 +177,14 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
                     pad_token_id=pad_id,
                     eos_token_id=eos_ids,
                 )
-                new = out[:, batch.width:]
-        for row, i in zip(new.tolist(), indices):
-            n, _ = answer_length(row, decode, stop, end_ids)
-            generated_tokens += n
-            texts[i] = decode(row[:n])
+            for row, i in zip(out[:, batch.width:].tolist(), indices):
+                new_ids[i] = row
+    texts: list[str] = []
+    generated_tokens = 0
+    for row in new_ids:
+        n, _ = answer_length(row, decode, stop, end_ids)
+        generated_tokens += n
+        texts.append(decode(row[:n]))
     return texts, generated_tokens
 
 

@@ -82,10 +82,12 @@ def test_writes_every_section_and_variant(result):
     assert set(data["train"]) == {"baseline", "unsloth", "padding_free", "card", "padding_free+liger", "card+liger",
                                   "card+compile", "card+cudagraphs"}
     assert set(data["eval"]) == {"baseline_4bit_b64", "static_b128", "static_auto", "static_auto_sdpa", "static_b256",
-                                 "generate_b256", "generate_b128", "4bit_b64"}
+                                 "static_auto_answers", "static_b256_answers", "generate_b256", "generate_b128",
+                                 "4bit_b64"}
     for key in ("gpu", "versions", "shape", "lengths", "settings", "ratios", "goals", "table_markdown"):
         assert key in data
     assert data["lengths"]["train"]["mean"] == 240 and data["lengths"]["eval"]["mean"] == 160
+    assert data["lengths"]["answers"]["mean"] == 130
     assert data["table_markdown"] in stdout
 
 
@@ -117,13 +119,23 @@ def test_figures_are_positive_and_generation_is_full_length(result):
     for name, v in data["eval"].items():
         assert "error" not in v, (name, v)
         assert v["generated_tokens_per_second"] > 0 and v["wall_seconds_full_split"] > 0
-        assert v["generated_tokens"] == v["prompts"] * data["settings"]["new_tokens"]  # no row stopped early
+        if name.endswith("_answers"):
+            # Answers counted to their ends; decoded to the look that saw each end (at the tiny budget,
+            # 16 tokens = stages.decode.CHECK_EVERY, the only look is at the budget: tests/test_decode.py
+            # shows rows taking the next questions).
+            assert v["generated_tokens"] == v["generated_tokens_expected"] < v["prompts"] * data["settings"]["new_tokens"]
+            assert v["generated_tokens"] <= v["decoded_tokens"] <= v["prompts"] * data["settings"]["new_tokens"]
+        else:
+            assert v["generated_tokens"] == v["prompts"] * data["settings"]["new_tokens"]  # no row stopped early
         assert v["extrapolated"] == (v["prompts"] < 1319)
     assert all(r > 0 for r in data["ratios"].values())
-    # The tiny model in bf16 on CPU: the two engines decode the same prompts to the same text.
+    # The tiny model in bf16 on CPU: the two engines decode the same prompts to nearly the same text. A
+    # question the static engine puts into a row as another ends has its keys in other slots, summed in
+    # another order, and bf16 rounding then flips a near-tie now and then (float32: token for token,
+    # tests/test_decode.py); the teacher-forced checks below do not depend on near-ties.
     agreement = data["engine_agreement"]
     assert agreement["prompts"] == data["eval"]["generate_b256"]["prompts"] > 0
-    assert agreement["identical"] == agreement["prompts"]
+    assert agreement["identical"] >= agreement["prompts"] * 3 // 4
     for engine in ("static", "generate"):
         teacher = data["engine_checks"][f"teacher_forced/{engine}"]
         assert teacher["tokens"] > 0 and teacher["argmax_match"] > 0.9 and teacher["worst_gap_in_std"] < 0.1

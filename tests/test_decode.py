@@ -32,28 +32,27 @@ def model_and_tokenizer(tiny_model_dir):
     return model, tokenizer
 
 
-def token_ids(model, tokenizer, eval_p, questions):
-    """Each question's generated ids, through stages.evaluate.generate's own batching."""
+def token_ids(model, tokenizer, eval_p, questions, ended=None):
+    """Each question's generated ids: the static engine's rows (refilled as answers end), or
+    generate's batches as stages.evaluate makes them."""
     import torch
 
-    from stages.decode import allocate_cache, greedy_decode
+    from stages.decode import greedy_decode
     from stages.evaluate import make_batches
     from stages.modeling import encode_prompt, render_prompt
 
     encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, PROMPT, q), PROMPT) for q in questions]
-    ids = [None] * len(questions)
-    batches = make_batches(encoded, eval_p.batch_size, tokenizer.pad_token_id, "cpu")
-    rows, width = batches[0][1].input_ids.shape
-    buffers = allocate_cache(model.config, rows, width + eval_p.max_new_tokens - 1, model.dtype, "cpu")
-    for indices, batch in batches:
+    if eval_p.engine == "static":
         with torch.inference_mode():
-            if eval_p.engine == "static":
-                new = greedy_decode(model, batch, eval_p.max_new_tokens, buffers, lambda _: False, use_graph=False)
-            else:
-                mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths])
-                new = model.generate(input_ids=batch.input_ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=eval_p.max_new_tokens, min_new_tokens=eval_p.max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[:, batch.width:]
+            return greedy_decode(model, encoded, eval_p.batch_size, eval_p.max_new_tokens, tokenizer.pad_token_id,
+                                 ended or (lambda i, ids: False), use_graph=False)
+    ids = [None] * len(questions)
+    for indices, batch in make_batches(encoded, eval_p.batch_size, tokenizer.pad_token_id, "cpu"):
+        mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths])
+        with torch.inference_mode():
+            new = model.generate(input_ids=batch.input_ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=eval_p.max_new_tokens, min_new_tokens=eval_p.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[:, batch.width:]
         for row, i in zip(new.tolist(), indices):
             ids[i] = row
     return ids
@@ -127,30 +126,60 @@ def test_stage_generate_agrees_across_engines(model_and_tokenizer):
     assert static[1] > 0
 
 
-def test_static_engine_stops_once_every_row_has_ended(model_and_tokenizer, monkeypatch):
-    """The host looks every CHECK_EVERY steps; once `finished` says yes, no further step runs."""
+def test_the_host_looks_every_check_every_steps_and_stops_once_every_row_has_ended(model_and_tokenizer, monkeypatch):
+    """The host looks after the prefill, then every CHECK_EVERY steps; once every question has
+    ended, no further step runs, and each question's ids are those up to the look that saw it end."""
     import torch
 
     import stages.decode as decode
-    from stages.evaluate import make_batches
     from stages.modeling import encode_prompt, render_prompt
 
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(decode, "CHECK_EVERY", 3)
     encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, PROMPT, q), PROMPT) for q in QUESTIONS[:2]]
-    (_, batch), = make_batches(encoded, 2, tokenizer.pad_token_id, "cpu")
-    buffers = decode.allocate_cache(model.config, 2, batch.width + 20, model.dtype, "cpu")
     seen = []
 
-    def finished(tokens):
-        seen.append(tokens.shape[1])
-        return tokens.shape[1] >= 7
+    def ended(i, ids):
+        seen.append((i, len(ids)))
+        return len(ids) >= 7 - 3 * i  # question 1 ends at the second look, question 0 at the third
 
     with torch.inference_mode():
-        out = decode.greedy_decode(model, batch, 20, buffers, finished, use_graph=False)
-        full = decode.greedy_decode(model, batch, 20, buffers, lambda _: False, use_graph=False)
-    assert seen == [4, 7]  # the first token comes from the prefill, then 3 steps between looks
-    assert torch.equal(out[:, :7], full[:, :7]) and not out[:, 7:].any()
+        out = decode.greedy_decode(model, encoded, 2, 20, tokenizer.pad_token_id, ended, use_graph=False)
+        full = decode.greedy_decode(model, encoded, 2, 20, tokenizer.pad_token_id, lambda i, ids: False,
+                                    use_graph=False)
+    # The first token comes from the prefill, then 3 steps between looks.
+    assert sorted(seen) == [(0, 1), (0, 4), (0, 7), (1, 1), (1, 4)]
+    assert [len(ids) for ids in out] == [7, 4] and [len(ids) for ids in full] == [20, 20]
+    assert out[0] == full[0][:7] and out[1] == full[1][:4]
+
+
+def test_rows_take_the_next_questions_as_answers_end(model_and_tokenizer, monkeypatch):
+    """Two rows, six questions whose answers end at different lengths: a row takes the next question
+    when its answer ends, while the other row goes on; a question's prompt is written behind the slot
+    the next step writes, wrapping around the ring of slots. Every question's tokens are still
+    generate's, whichever row and slots it had."""
+    import stages.decode as decode
+
+    model, tokenizer = model_and_tokenizer
+    eval_p = EvaluateParams(max_new_tokens=12, batch_size=2, stop=[])
+    targets = [3, 12, 5, 9, 1, 7]
+    writes = []
+    update = decode.SlotCache.update
+
+    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0 and self.prefill_rows is not None:
+            writes.append((self.prefill_rows.tolist(), self.prefill_slots.tolist()))
+        return update(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(decode.SlotCache, "update", spy)
+    monkeypatch.setattr(decode, "CHECK_EVERY", 2)
+    static = token_ids(model, tokenizer, eval_p, QUESTIONS, ended=lambda i, ids: len(ids) >= targets[i])
+    reference = token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
+    # Each question ran to the first look (every CHECK_EVERY steps after its prefill) at or past its end.
+    assert all(len(ids) >= targets[i] and ids == reference[i][:len(ids)] for i, ids in enumerate(static))
+    assert len(writes) >= 4, "questions came in one by one, as rows freed up"
+    assert any(slots != sorted(slots) for _, slots in writes), "some prompt wrapped around the ring"
+    assert {row for rows, _ in writes for row in rows} == {0, 1}
 
 
 END = {2, 3}  # eos, pad

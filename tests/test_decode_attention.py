@@ -62,23 +62,27 @@ def test_kernel_equals_sdpa(kernel_module, heads, kv_heads, dim, slots):
 
 def test_kernel_skips_only_blocks_the_mask_excludes(kernel_module):
     """Rows whose allowed slots start two blocks in and end a block before the last (a left-padded
-    prompt, unwritten slots), a row allowed everywhere, and one allowed in a single slot: the same as
-    SDPA. A row allowed nowhere (the engine never builds one) still gets finite values."""
+    prompt, unwritten slots), a row allowed everywhere, one allowed in a single slot, and one allowed
+    at both ends with whole blocks masked between (a question whose slots wrapped around the ring):
+    the same as SDPA. A row allowed nowhere (the engine never builds one) still gets finite values."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(1)
-    rows, heads, kv_heads, dim, slots = 4, 8, 2, 32, 4 * kernel_module.BLOCK_SLOTS + 5
+    block = kernel_module.BLOCK_SLOTS
+    rows, heads, kv_heads, dim, slots = 5, 8, 2, 32, 4 * block + 5
     q = torch.randn(rows, heads, 1, dim, generator=g)
     k, v = (torch.randn(rows, kv_heads, slots, dim, generator=g) for _ in range(2))
     allowed = torch.zeros(rows, slots, dtype=torch.bool)
-    allowed[0, 2 * kernel_module.BLOCK_SLOTS + 3:3 * kernel_module.BLOCK_SLOTS - 1] = True
+    allowed[0, 2 * block + 3:3 * block - 1] = True
     allowed[1] = True
     allowed[2, 7] = True
+    allowed[4, :10] = allowed[4, 3 * block + 2:] = True
     mask = torch.zeros(rows, 1, 1, slots).masked_fill_(~allowed[:, None, None, :], torch.finfo(torch.float32).min)
     ours = kernel_module.decode_attention(q, k, v, mask, dim ** -0.5)
     exact = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(4, 1),
                                            v.double().repeat_interleave(4, 1), attn_mask=mask.double())
-    torch.testing.assert_close(ours[:3].double(), exact[:3], rtol=1e-5, atol=1e-5)
+    real = [0, 1, 2, 4]
+    torch.testing.assert_close(ours[real].double(), exact[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[2].double(), v[2, :, 7].double().repeat_interleave(4, 0)[:, None], rtol=1e-6,
                                atol=1e-6)
     assert torch.isfinite(ours[3]).all()

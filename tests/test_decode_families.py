@@ -52,32 +52,32 @@ def build(tokenizer, family, **overrides):
     return tiny_model(family, tokenizer, **overrides).eval()
 
 
-def token_ids(model, tokenizer, engine, batch_size=3, decode_module=None):
-    """Each question's NEW_TOKENS generated ids (no early stop), and the batches' widths."""
+def token_ids(model, tokenizer, engine, batch_size=3, ended=None):
+    """Each question's NEW_TOKENS generated ids (no early stop unless `ended` says so: static only),
+    and the widths of generate's batches."""
     import torch
 
     import stages.decode
     from stages.evaluate import make_batches
     from stages.modeling import encode_prompt, render_prompt
 
-    decode = decode_module or stages.decode
     encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, PROMPT, q), PROMPT) for q in QUESTIONS]
     batches = make_batches(encoded, batch_size, tokenizer.pad_token_id, "cpu")
-    rows, width = batches[0][1].input_ids.shape
-    buffers = decode.allocate_cache(model.config, rows, width + NEW_TOKENS - 1, model.dtype, "cpu")
+    widths = [batch.width for _, batch in batches]
+    if engine == "static":
+        with torch.inference_mode():
+            return stages.decode.greedy_decode(model, encoded, batch_size, NEW_TOKENS, tokenizer.pad_token_id,
+                                               ended or (lambda i, ids: False), use_graph=False), widths
     ids = [None] * len(QUESTIONS)
     for indices, batch in batches:
+        mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths])
         with torch.inference_mode():
-            if engine == "static":
-                new = decode.greedy_decode(model, batch, NEW_TOKENS, buffers, lambda _: False, use_graph=False)
-            else:
-                mask = torch.tensor([[0] * (batch.width - n) + [1] * n for n in batch.lengths])
-                new = model.generate(input_ids=batch.input_ids, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[:, batch.width:]
+            new = model.generate(input_ids=batch.input_ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[:, batch.width:]
         for row, i in zip(new.tolist(), indices):
             ids[i] = row
-    return ids, [batch.width for _, batch in batches]
+    return ids, widths
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -98,6 +98,22 @@ def test_static_engine_matches_generate_for_every_family(tokenizer, case):
     assert static == reference
     assert all(len(row) == NEW_TOKENS for row in static)
     assert len({tuple(row) for row in static}) > 1, "identical rows would not show a mix-up between rows"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_questions_refilled_around_the_ring_match_generate_for_every_family(tokenizer, case, monkeypatch):
+    """Two rows, answers ending at different lengths: questions come into the rows as others end,
+    their prompts written where the ring of slots has got to (wrapping around), under every family's
+    masks (sliding windows counted around the ring); each question's tokens are generate's."""
+    import stages.decode
+
+    family, overrides = CASES[case]
+    model = build(tokenizer, family, **overrides)
+    monkeypatch.setattr(stages.decode, "CHECK_EVERY", 3)
+    targets = [5, 16, 2, 11, 8, 14]
+    static, _ = token_ids(model, tokenizer, "static", batch_size=2, ended=lambda i, ids: len(ids) >= targets[i])
+    reference, _ = token_ids(model, tokenizer, "generate")
+    assert all(len(ids) >= targets[i] and ids == reference[i][:len(ids)] for i, ids in enumerate(static))
 
 
 def test_the_layer_types_are_the_ones_each_case_is_meant_to_test(tokenizer):
