@@ -35,6 +35,13 @@ from collections import deque
 # Prompt tokens per prefill forward: bounds the prefill's activations (~0.9 GB for an 8B model)
 # while keeping its matmuls large.
 PREFILL_TOKENS = 8192
+# Once no question is left to take, the answers still running move into the first rows whenever
+# they fill half of the rows in use or less, and the steps run on those rows alone (a smaller graph,
+# recorded anew): with answers of very different lengths the last ones would otherwise pay for every
+# row until the longest ends. Not below this many rows, where a step costs about the same anyway.
+COMPACT_DOWN_TO = 32
+# Rows moved per copy while compacting: bounds the temporary copy of each layer's cache.
+COMPACT_COPY_ROWS = 64
 # Steps between two looks at the generated tokens (a host sync, with the GPU idle while the host
 # checks each row for EOS and stop strings): rows whose answer ended get the next questions. A row
 # waits for the next look after its answer ends, CHECK_EVERY / 2 steps on average, ~6% of a GSM8K
@@ -361,7 +368,6 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         masks[SLIDING] = torch.empty_like(full)
         slot_ids = torch.arange(slots, device=device)
         masked = torch.tensor(lowest, dtype=dtype, device=device)
-    step_mask = _as_model_mask({kind: masks[kind] for kind in set(kinds)}, kinds)
     _, kv_heads, head_dim = cache_geometry(lm_config)
     step_attention = _StepAttention(fused_step_attention_wanted(device, lm_config.num_attention_heads, kv_heads,
                                                                 head_dim, dtype))
@@ -400,25 +406,46 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
             full[chunk_rows, 0, 0] = row_mask
             del logits
 
-    def step():
-        full.index_fill_(3, cache.position, 0.0)
-        if window is not None:
-            age = (cache.position - slot_ids).remainder(slots)
-            torch.where(age < window, full, masked, out=masks[SLIDING])
-        with step_attention:
-            logits = model(input_ids=tokens, attention_mask=step_mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True).logits
-        tokens.copy_(logits[:, -1:].argmax(-1))
-        out.scatter_(1, column[:, None], tokens)
-        positions.add_(1)
-        cache.position.add_(1).remainder_(slots)
-        column.add_(1).clamp_(max=new_tokens)
+    def make_step(n: int):
+        """One decoding step of the first n rows (views: a recorded graph reads and writes them in place)."""
+        view = SlotCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values])
+        view.position = cache.position
+        n_tokens, n_positions, n_out, n_column, n_full = tokens[:n], positions[:n], out[:n], column[:n], full[:n]
+        n_sliding = masks[SLIDING][:n] if window is not None else None
+        n_mask = _as_model_mask({FULL: n_full, SLIDING: n_sliding}, kinds)
+
+        def step():
+            n_full.index_fill_(3, view.position, 0.0)
+            if window is not None:
+                age = (view.position - slot_ids).remainder(slots)
+                torch.where(age < window, n_full, masked, out=n_sliding)
+            with step_attention:
+                logits = model(input_ids=n_tokens, attention_mask=n_mask, position_ids=n_positions,
+                               past_key_values=view, use_cache=True).logits
+            n_tokens.copy_(logits[:, -1:].argmax(-1))
+            n_out.scatter_(1, n_column[:, None], n_tokens)
+            n_positions.add_(1)
+            view.position.add_(1).remainder_(slots)
+            n_column.add_(1).clamp_(max=new_tokens)
+
+        return step
+
+    def compact(active: list[int]) -> None:
+        """Move the rows `active` (ascending) to the front, state and cache. Each row moves to an
+        index at or before its own, and chunks go in order, so no row is overwritten before it is read."""
+        index = torch.tensor(active, device=device)
+        for tensor in (*cache.keys, *cache.values, tokens, positions, out, column, full):
+            for s in range(0, len(active), COMPACT_COPY_ROWS):
+                tensor[s:s + COMPACT_COPY_ROWS] = tensor[index[s:s + COMPACT_COPY_ROWS]]
+        occupant[:len(active)], done[:len(active)] = [occupant[r] for r in active], [done[r] for r in active]
 
     replay = None
+    in_use = rows  # the first rows the steps run on
 
     def run_steps(k: int) -> None:
         nonlocal replay
         if replay is None:
+            step = make_step(in_use)
             replay = step
             if use_graph:
                 # A first step runs for real on a side stream (CUDA graphs need warmed-up kernels and
@@ -429,7 +456,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                     step()
                 torch.cuda.current_stream().wait_stream(side)
                 k -= 1
-                # Its own memory pool, freed with the graph when decoding is done.
+                # Its own memory pool, freed with the graph (when decoding is done, or the rows are compacted).
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph):
@@ -449,9 +476,9 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
     for r, i in enumerate(first):
         occupant[r], done[r] = i, 1
     while True:
-        generated = out.cpu()
+        generated = out[:in_use].cpu()
         finished = 0
-        for r, i in enumerate(occupant):
+        for r, i in enumerate(occupant[:in_use]):
             if i is None:
                 continue
             ids = generated[r, :done[r]].tolist()
@@ -460,15 +487,18 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                 finished += 1
         if progress and finished:
             progress(finished)
-        free = [r for r, i in enumerate(occupant) if i is None]
+        free = [r for r, i in enumerate(occupant[:in_use]) if i is None]
         if queue and free:
             taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             fill(free[:len(taken)], taken)
             for r, i in zip(free, taken):
                 occupant[r], done[r] = i, 1
-        active = [r for r, i in enumerate(occupant) if i is not None]
+        active = [r for r, i in enumerate(occupant[:in_use]) if i is not None]
         if not active:
             return results
+        if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
+            compact(active)
+            in_use, active, replay = max(len(active), 1), list(range(len(active))), None
         # Up to the next look, and never past an active question's budget: its tokens stay in `out`
         # and its slots are not yet needed by the ring (rows with no question run on, unread).
         k = min(CHECK_EVERY, min(new_tokens - done[r] for r in active))

@@ -182,6 +182,33 @@ def test_rows_take_the_next_questions_as_answers_end(model_and_tokenizer, monkey
     assert {row for rows, _ in writes for row in rows} == {0, 1}
 
 
+def test_answers_still_running_move_into_fewer_rows_once_no_question_is_left(model_and_tokenizer, monkeypatch):
+    """With nothing left to take, the answers still running are moved to the first rows whenever they
+    fill half of the rows or less, and the steps run on those rows alone: 4 rows, then 2, then 1,
+    and every question's tokens are still generate's."""
+    import stages.decode as decode
+
+    model, tokenizer = model_and_tokenizer
+    eval_p = EvaluateParams(max_new_tokens=16, batch_size=4, stop=[])
+    targets = [3, 16, 4, 9, 2, 12]
+    step_rows = []
+    update = decode.SlotCache.update
+
+    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0 and self.prefill_rows is None:
+            step_rows.append(key_states.shape[0])
+        return update(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(decode.SlotCache, "update", spy)
+    monkeypatch.setattr(decode, "CHECK_EVERY", 2)
+    monkeypatch.setattr(decode, "COMPACT_DOWN_TO", 1)
+    monkeypatch.setattr(decode, "COMPACT_COPY_ROWS", 1)  # the row-by-row order of the moves matters
+    static = token_ids(model, tokenizer, eval_p, QUESTIONS, ended=lambda i, ids: len(ids) >= targets[i])
+    reference = token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
+    assert all(len(ids) >= targets[i] and ids == reference[i][:len(ids)] for i, ids in enumerate(static))
+    assert [n for k, n in enumerate(step_rows) if k == 0 or step_rows[k - 1] != n] == [4, 2, 1]
+
+
 END = {2, 3}  # eos, pad
 
 

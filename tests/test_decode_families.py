@@ -103,13 +103,15 @@ def test_static_engine_matches_generate_for_every_family(tokenizer, case):
 @pytest.mark.parametrize("case", CASES)
 def test_questions_refilled_around_the_ring_match_generate_for_every_family(tokenizer, case, monkeypatch):
     """Two rows, answers ending at different lengths: questions come into the rows as others end,
-    their prompts written where the ring of slots has got to (wrapping around), under every family's
-    masks (sliding windows counted around the ring); each question's tokens are generate's."""
+    their prompts written where the ring of slots has got to (wrapping around), and the last answer
+    moves to a row of its own, under every family's masks (sliding windows counted around the ring);
+    each question's tokens are generate's."""
     import stages.decode
 
     family, overrides = CASES[case]
     model = build(tokenizer, family, **overrides)
     monkeypatch.setattr(stages.decode, "CHECK_EVERY", 3)
+    monkeypatch.setattr(stages.decode, "COMPACT_DOWN_TO", 1)  # the last answer runs on a row of its own
     targets = [5, 16, 2, 11, 8, 14]
     static, _ = token_ids(model, tokenizer, "static", batch_size=2, ended=lambda i, ids: len(ids) >= targets[i])
     reference, _ = token_ids(model, tokenizer, "generate")
