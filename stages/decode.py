@@ -23,9 +23,10 @@ processors), which is what published GSM8K numbers use. On CPU the same loop run
 The batch is a set of rows that questions flow through: when a row's answer has ended (EOS, a stop
 string, or its max_new_tokens), the next question is prefilled into that row while the others go
 on, so that real answers of very different lengths do not leave rows idle until the longest one in
-a batch ends. Each row is a question of its own: its prompt and tokens sit in its own slots under
-its own mask and RoPE positions, so what it decodes does not depend on the row, the slots or its
-neighbours (tests/test_decode.py, test_decode_families.py: token for token against `generate`).
+a batch ends; once no question is left, the answers still running move into fewer rows. A
+question's token at position p sits in slot p of its row, so its keys are laid out, masked and
+summed as they would be for the question alone, whichever row it has and whatever ran there before
+(tests/test_decode.py, test_decode_families.py: token for token against `generate`).
 """
 from __future__ import annotations
 
@@ -55,37 +56,31 @@ FUSED_STEP_ATTENTION: bool | str = "auto"
 class SlotCache:
     """Per layer, keys and values of shape [rows, kv_heads, slots, head_dim], written in place.
 
-    It stands in for transformers' Cache: the attention layers call `update`. The slots are a ring:
-    every row's decoding step writes slot `position` (a device tensor, so that a recorded graph reads
-    the current value on every replay), which moves on by one per step and wraps around; a question
-    put into a row has its prompt written into the slots just behind `position`. A question's prompt
-    and answer fit the ring (slots = longest prompt + max_new_tokens - 1), so no slot it still attends
-    to is overwritten before it ends. During a prefill `prefill_rows` (the rows being filled) and
-    `prefill_slots` (the slots their left-padded prompts go to) are long tensors, and the prefill
-    attends over the prompts alone.
+    It stands in for transformers' Cache: the attention layers call `update`. A question's token at
+    position p (its prompt from 0) sits in slot p of its row, whichever row it has and whatever the row
+    held before, so the attention sums its keys in the same order as for the question alone. A
+    decoding step writes each row's token at `write_slots` ([rows] long, a device tensor that a
+    recorded graph reads on every replay). During a prefill `prefill_rows` and `prefill_slots` (long
+    tensors) say where the chunk's real prompt tokens go, `prefill_real` which of its left-padded
+    columns they are, and the prefill attends over the chunk's prompts alone.
     """
 
-    def __init__(self, keys: list, values: list):
-        import torch
-
+    def __init__(self, keys: list, values: list, write_slots):
         self.keys, self.values = keys, values
-        self.position = torch.zeros(1, dtype=torch.long, device=keys[0].device)
-        self.prefill_rows = None
-        self.prefill_slots = None
+        self.write_slots = write_slots
+        self.rows = None  # set per step view: torch.arange(rows)
+        self.prefill_rows = self.prefill_slots = self.prefill_real = None
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_rows is not None:
-            import torch
-
-            # [rows, kv_heads, width] indices: each row's prompt into its slots, every head.
-            index = (self.prefill_rows[:, None, None], torch.arange(keys.shape[1], device=keys.device)[None, :, None],
-                     self.prefill_slots[None, None, :])
-            keys.index_put_(index, key_states.to(keys.dtype))
-            values.index_put_(index, value_states.to(values.dtype))
+            # [chunk rows, heads, width, dim] -> the real tokens' [n, heads, dim], each into its row and slot.
+            index = (self.prefill_rows, slice(None), self.prefill_slots)
+            keys[index] = key_states.transpose(1, 2)[self.prefill_real].to(keys.dtype)
+            values[index] = value_states.transpose(1, 2)[self.prefill_real].to(values.dtype)
             return key_states.to(keys.dtype), value_states.to(values.dtype)
-        keys.index_copy_(2, self.position, key_states)
-        values.index_copy_(2, self.position, value_states)
+        keys[self.rows, :, self.write_slots] = key_states[:, :, 0]
+        values[self.rows, :, self.write_slots] = value_states[:, :, 0]
         return keys, values
 
 
@@ -350,82 +345,78 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         return results
     rows = max(1, min(rows, len(prompts)))
     slots = len(prompts[order[0]]) + new_tokens - 1
-    cache = SlotCache(*allocate_cache(lm_config, rows, slots, dtype, device))
-
-    # Decoding state, updated in place so that a recorded graph sees it; a row's entries are reset
-    # when it takes a question. `out[:, -1]` is a scratch column for rows with nothing left to decode.
+    # Decoding state, updated in place so that a recorded graph sees it; a row's entries are set when
+    # it takes a question. `out[:, -1]` is a scratch column for rows with nothing left to decode.
     tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)      # the token each step feeds in
-    positions = torch.zeros(rows, 1, dtype=torch.long, device=device)   # its RoPE position
+    positions = torch.zeros(rows, 1, dtype=torch.long, device=device)   # its position, and its slot
     out = torch.zeros(rows, new_tokens + 1, dtype=torch.long, device=device)
     column = torch.zeros(rows, dtype=torch.long, device=device)         # where in `out` the step writes
-    # Per row, the additive mask over the slots: its prompt's real keys, then each slot as a step
-    # writes it. The sliding mask is the full one with slots `window` or more steps behind the
-    # written one masked too (ages counted around the ring), rewritten from it every step.
+    cache = SlotCache(*allocate_cache(lm_config, rows, slots, dtype, device), write_slots=None)
+    slot_ids = torch.arange(slots, device=device)
     lowest = torch.finfo(dtype).min
-    full = torch.full((rows, 1, 1, slots), lowest, dtype=dtype, device=device)
-    masks = {FULL: full}
-    if window is not None:
-        masks[SLIDING] = torch.empty_like(full)
-        slot_ids = torch.arange(slots, device=device)
-        masked = torch.tensor(lowest, dtype=dtype, device=device)
     _, kv_heads, head_dim = cache_geometry(lm_config)
     step_attention = _StepAttention(fused_step_attention_wanted(device, lm_config.num_attention_heads, kv_heads,
                                                                 head_dim, dtype))
-    write = len(prompts[order[0]])  # the slot the next step writes, as the host counts it
-    cache.position.fill_(write)
 
     def fill(free_rows: list[int], questions: list[int]) -> None:
-        """Prefill `questions` (longest first) into `free_rows`: their prompts right-aligned just
-        behind the slot the next step writes, a chunk of rows per forward, each chunk padded only to
-        its own longest prompt (the slots left of it keep another question's keys, masked)."""
+        """Prefill `questions` (longest first) into `free_rows`, a chunk of rows per forward, each chunk
+        left-padded only to its own longest prompt; each prompt's keys go to slots 0.. of its row (the
+        slots after them keep the row's previous question's keys, masked until overwritten)."""
         lengths = [len(prompts[i]) for i in questions]
         for part, width in prefill_chunks(lengths):
             chunk, chunk_rows = questions[part], torch.tensor(free_rows[part], device=device)
             chunk_lengths = lengths[part]
             ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
             lengths_t = torch.as_tensor(chunk_lengths, device=device)
-            prompt_slots = (torch.arange(write - width, write, device=device)) % slots
-            cache.prefill_rows, cache.prefill_slots = chunk_rows, prompt_slots
+            chunk_positions = torch.arange(width, device=device)[None, :] - (width - lengths_t)[:, None]
+            real = chunk_positions >= 0
+            cache.prefill_rows = chunk_rows[:, None].expand(-1, width)[real]
+            cache.prefill_slots, cache.prefill_real = chunk_positions[real], real
             chunk_masks = {kind: prefill_mask(chunk_lengths, width, device, dtype, window if kind == SLIDING else None)
                            for kind in set(kinds)}
-            chunk_positions = (torch.arange(width, device=device)[None, :] - (width - lengths_t)[:, None]).clamp(min=0)
             try:
                 logits = model(input_ids=ids, attention_mask=_as_model_mask(chunk_masks, kinds),
-                               position_ids=chunk_positions, past_key_values=cache, use_cache=True,
+                               position_ids=chunk_positions.clamp(min=0), past_key_values=cache, use_cache=True,
                                logits_to_keep=1).logits
             finally:
-                cache.prefill_rows = cache.prefill_slots = None
+                cache.prefill_rows = cache.prefill_slots = cache.prefill_real = None
             first = logits[:, -1].argmax(-1)
             out[chunk_rows] = 0
             out[chunk_rows, 0] = first
             tokens[chunk_rows, 0] = first
             positions[chunk_rows, 0] = lengths_t
             column[chunk_rows] = 1
-            row_mask = torch.full((len(chunk), slots), lowest, dtype=dtype, device=device)
-            row_mask[:, prompt_slots] = additive(real_keys(chunk_lengths, width, device), dtype)
-            full[chunk_rows, 0, 0] = row_mask
             del logits
 
     def make_step(n: int):
         """One decoding step of the first n rows (views: a recorded graph reads and writes them in place)."""
-        view = SlotCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values])
-        view.position = cache.position
-        n_tokens, n_positions, n_out, n_column, n_full = tokens[:n], positions[:n], out[:n], column[:n], full[:n]
-        n_sliding = masks[SLIDING][:n] if window is not None else None
-        n_mask = _as_model_mask({FULL: n_full, SLIDING: n_sliding}, kinds)
+        n_tokens, n_positions, n_out, n_column = tokens[:n], positions[:n], out[:n], column[:n]
+        # A row with no question left runs on past its slots: it writes (unread) into the last one.
+        write_slots = torch.zeros(n, dtype=torch.long, device=device)
+        view = SlotCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values], write_slots)
+        view.rows = torch.arange(n, device=device)
+        # Per row, additive masks over the slots: its own tokens up to the one being written, and
+        # for sliding layers only the last `window` of them (transformers': kv > q - window).
+        n_masks = {kind: torch.empty(n, 1, 1, slots, dtype=dtype, device=device) for kind in set(kinds)}
+        zero = torch.zeros((), dtype=dtype, device=device)
+        masked = torch.full((), lowest, dtype=dtype, device=device)
 
         def step():
-            n_full.index_fill_(3, view.position, 0.0)
-            if window is not None:
-                age = (view.position - slot_ids).remainder(slots)
-                torch.where(age < window, n_full, masked, out=n_sliding)
+            torch.clamp(n_positions[:, 0], max=slots - 1, out=write_slots)
+            allowed = slot_ids[None, :] <= n_positions
+            if FULL in n_masks:
+                torch.where(allowed[:, None, None, :], zero, masked, out=n_masks[FULL])
+            if SLIDING in n_masks:
+                allowed &= slot_ids[None, :] > n_positions - window
+                torch.where(allowed[:, None, None, :], zero, masked, out=n_masks[SLIDING])
             with step_attention:
-                logits = model(input_ids=n_tokens, attention_mask=n_mask, position_ids=n_positions,
-                               past_key_values=view, use_cache=True).logits
+                logits = model(input_ids=n_tokens, attention_mask=_as_model_mask(n_masks, kinds),
+                               position_ids=n_positions, past_key_values=view, use_cache=True).logits
             n_tokens.copy_(logits[:, -1:].argmax(-1))
             n_out.scatter_(1, n_column[:, None], n_tokens)
-            n_positions.add_(1)
-            view.position.add_(1).remainder_(slots)
+            # (A row with no question left stops at the last position a question can reach: a
+            # position past the model's range would change its RoPE scaling for every row, Phi-3's longrope.)
+            n_positions.add_(1).clamp_(max=slots)
             n_column.add_(1).clamp_(max=new_tokens)
 
         return step
@@ -434,7 +425,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         """Move the rows `active` (ascending) to the front, state and cache. Each row moves to an
         index at or before its own, and chunks go in order, so no row is overwritten before it is read."""
         index = torch.tensor(active, device=device)
-        for tensor in (*cache.keys, *cache.values, tokens, positions, out, column, full):
+        for tensor in (*cache.keys, *cache.values, tokens, positions, out, column):
             for s in range(0, len(active), COMPACT_COPY_ROWS):
                 tensor[s:s + COMPACT_COPY_ROWS] = tensor[index[s:s + COMPACT_COPY_ROWS]]
         occupant[:len(active)], done[:len(active)] = [occupant[r] for r in active], [done[r] for r in active]
@@ -499,12 +490,11 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
             compact(active)
             in_use, active, replay = max(len(active), 1), list(range(len(active))), None
-        # Up to the next look, and never past an active question's budget: its tokens stay in `out`
-        # and its slots are not yet needed by the ring (rows with no question run on, unread).
+        # Up to the next look, and never past an active question's budget (its tokens stay within
+        # `out` and its slots); rows with no question run on, unread.
         k = min(CHECK_EVERY, min(new_tokens - done[r] for r in active))
         if k <= 0:
             continue
         run_steps(k)
-        write = (write + k) % slots
         for r in active:
             done[r] += k

@@ -42,12 +42,12 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, scale, lowe
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
-    # Only the blocks of slots the mask allows anything in: a row's slots not yet written, those of
-    # the question the row held before and a left-padded prompt's padding are whole blocks of
-    # `lowest` (the engine's masked value), whose weights would be exactly 0; reading the mask row
-    # (2 bytes a slot) spares reading their keys and values (2 x 2 x dim bytes a slot). The allowed
-    # slots need not be contiguous (the engine's slots are a ring). A row with nothing allowed is
-    # attended whole, as SDPA does.
+    # Only the blocks of slots the mask allows anything in: a row's slots past the token being
+    # written (not yet written, or still holding the row's previous question) and, in a sliding
+    # layer, those behind its window are whole blocks of `lowest` (the engine's masked value), whose
+    # weights would be exactly 0; reading the mask row (2 bytes a slot) spares reading their keys and
+    # values (2 x 2 x dim bytes a slot). Any pattern of masked blocks is skipped, wherever it lies.
+    # A row with nothing allowed is attended whole, as SDPA does.
     anything = tl.zeros([], tl.int32)  # a tensor from the start: a loop-carried value keeps its type
     for start in range(0, slots, BLOCK):
         n = start + tl.arange(0, BLOCK)

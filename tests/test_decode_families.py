@@ -101,11 +101,10 @@ def test_static_engine_matches_generate_for_every_family(tokenizer, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_questions_refilled_around_the_ring_match_generate_for_every_family(tokenizer, case, monkeypatch):
-    """Two rows, answers ending at different lengths: questions come into the rows as others end,
-    their prompts written where the ring of slots has got to (wrapping around), and the last answer
-    moves to a row of its own, under every family's masks (sliding windows counted around the ring);
-    each question's tokens are generate's."""
+def test_questions_taken_as_answers_end_match_generate_for_every_family(tokenizer, case, monkeypatch):
+    """Two rows, answers ending at different lengths: questions come into the rows as others end
+    (over the keys of the question before them), and the last answer moves to a row of its own, under
+    every family's masks; each question's tokens are generate's."""
     import stages.decode
 
     family, overrides = CASES[case]
