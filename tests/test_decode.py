@@ -209,6 +209,39 @@ def test_answers_still_running_move_into_fewer_rows_once_no_question_is_left(mod
     assert [n for k, n in enumerate(step_rows) if k == 0 or step_rows[k - 1] != n] == [4, 2, 1]
 
 
+def test_a_stop_string_ends_decoding_at_the_look_after_it(model_and_tokenizer, monkeypatch):
+    """The engine's looks find a stop string in the text of the ids since the last look (and a few
+    before): decoding ends there instead of running the budget, and the texts are generate's."""
+    import stages.decode as decode
+    from stages.modeling import encode_prompt, render_prompt
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(decode, "CHECK_EVERY", 2)
+    eval_p = EvaluateParams(max_new_tokens=40, batch_size=2, stop=[])
+    # A piece of what the model writes for the first question around its 7th-9th tokens: a stop
+    # string that spans tokens, completed between two looks.
+    free = token_ids(model, tokenizer, eval_p, QUESTIONS[:1])[0]
+    text, before = tokenizer.decode(free[:9], skip_special_tokens=True), tokenizer.decode(free[:6])
+    stop = text[len(before) - 1:].strip()
+    assert len(stop) >= 2 and stop not in before
+    eval_p = dataclasses.replace(eval_p, stop=[stop])
+    steps = []
+    step_model = model.forward
+
+    def counting(*args, **kwargs):
+        steps.append(kwargs["input_ids"].shape[1] == 1)
+        return step_model(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    prompt = PromptParams(template=PROMPT.template, chat=False)
+    static = generate_questions(model, tokenizer, prompt, eval_p, QUESTIONS[:1], show_progress=False)
+    monkeypatch.setattr(model, "forward", step_model)
+    reference = generate_questions(model, tokenizer, prompt, dataclasses.replace(eval_p, engine="generate"),
+                                   QUESTIONS[:1], show_progress=False)
+    assert static == reference and stop in static[0][0]  # the answer runs up to its stop string (cut later)
+    assert sum(steps) <= 10, "decoding stopped at the look after the stop string, not at the budget"
+
+
 END = {2, 3}  # eos, pad
 
 
