@@ -153,29 +153,40 @@ def test_the_host_looks_every_check_every_steps_and_stops_once_every_row_has_end
     assert out[0] == full[0][:7] and out[1] == full[1][:4]
 
 
+def watch_layer_0_writes(monkeypatch, record) -> None:
+    """Call record(cache, key_states) whenever the engine writes layer 0's keys (prefill or step)."""
+    import stages.decode as decode
+
+    update = decode.SlotCache.update
+
+    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            record(self, key_states)
+        return update(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(decode.SlotCache, "update", spy)
+
+
+def decode_ending_at(model, tokenizer, eval_p, targets) -> None:
+    """Question i's answer ends at targets[i] tokens: each question runs to the first look at or past
+    its end, and its tokens up to there are generate's."""
+    static = token_ids(model, tokenizer, eval_p, QUESTIONS, ended=lambda i, ids: len(ids) >= targets[i])
+    reference = token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
+    assert all(len(ids) >= targets[i] and ids == reference[i][:len(ids)] for i, ids in enumerate(static))
+
+
 def test_rows_take_the_next_questions_as_answers_end(model_and_tokenizer, monkeypatch):
     """Two rows, six questions whose answers end at different lengths: a row takes the next question
     when its answer ends, while the other row goes on, and the question's prompt goes to slots 0.. of
     that row. Every question's tokens are still generate's, whichever row it had."""
     import stages.decode as decode
 
-    model, tokenizer = model_and_tokenizer
-    eval_p = EvaluateParams(max_new_tokens=12, batch_size=2, stop=[])
-    targets = [3, 12, 5, 9, 1, 7]
     writes = []
-    update = decode.SlotCache.update
-
-    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0 and self.prefill_rows is not None:
-            writes.append((self.prefill_rows.tolist(), self.prefill_slots.tolist()))
-        return update(self, key_states, value_states, layer_idx, *args, **kwargs)
-
-    monkeypatch.setattr(decode.SlotCache, "update", spy)
+    watch_layer_0_writes(monkeypatch, lambda cache, keys: cache.prefill_rows is not None and writes.append(
+        (cache.prefill_rows.tolist(), cache.prefill_slots.tolist())))
     monkeypatch.setattr(decode, "CHECK_EVERY", 2)
-    static = token_ids(model, tokenizer, eval_p, QUESTIONS, ended=lambda i, ids: len(ids) >= targets[i])
-    reference = token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
-    # Each question ran to the first look (every CHECK_EVERY steps after its prefill) at or past its end.
-    assert all(len(ids) >= targets[i] and ids == reference[i][:len(ids)] for i, ids in enumerate(static))
+    decode_ending_at(*model_and_tokenizer, EvaluateParams(max_new_tokens=12, batch_size=2, stop=[]),
+                     targets=[3, 12, 5, 9, 1, 7])
     assert len(writes) >= 4, "questions came in one by one, as rows freed up"
     for rows, slots in writes:  # per row of a prefill: its prompt's slots, from 0
         assert all([s for r, s in zip(rows, slots) if r == row] == list(range(rows.count(row))) for row in set(rows))
@@ -188,24 +199,14 @@ def test_answers_still_running_move_into_fewer_rows_once_no_question_is_left(mod
     and every question's tokens are still generate's."""
     import stages.decode as decode
 
-    model, tokenizer = model_and_tokenizer
-    eval_p = EvaluateParams(max_new_tokens=16, batch_size=4, stop=[])
-    targets = [3, 16, 4, 9, 2, 12]
     step_rows = []
-    update = decode.SlotCache.update
-
-    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx == 0 and self.prefill_rows is None:
-            step_rows.append(key_states.shape[0])
-        return update(self, key_states, value_states, layer_idx, *args, **kwargs)
-
-    monkeypatch.setattr(decode.SlotCache, "update", spy)
+    watch_layer_0_writes(monkeypatch, lambda cache, keys: cache.prefill_rows is None and step_rows.append(
+        keys.shape[0]))
     monkeypatch.setattr(decode, "CHECK_EVERY", 2)
     monkeypatch.setattr(decode, "COMPACT_DOWN_TO", 1)
     monkeypatch.setattr(decode, "COMPACT_COPY_ROWS", 1)  # the row-by-row order of the moves matters
-    static = token_ids(model, tokenizer, eval_p, QUESTIONS, ended=lambda i, ids: len(ids) >= targets[i])
-    reference = token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), QUESTIONS)
-    assert all(len(ids) >= targets[i] and ids == reference[i][:len(ids)] for i, ids in enumerate(static))
+    decode_ending_at(*model_and_tokenizer, EvaluateParams(max_new_tokens=16, batch_size=4, stop=[]),
+                     targets=[3, 16, 4, 9, 2, 12])
     assert [n for k, n in enumerate(step_rows) if k == 0 or step_rows[k - 1] != n] == [4, 2, 1]
 
 
