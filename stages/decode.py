@@ -3,8 +3,8 @@
 Used by `stages.evaluate` when `evaluate.engine: static` (the default). Why not `model.generate`:
 one decoding step of an 8B model is dozens of small kernels per layer, and at batch 256 eager
 PyTorch takes ~40 ms to get through them while reading the weights takes ~5 ms
-(benchmarks/profile_generate.py). Recording the step once per batch as a CUDA graph and replaying
-it removes the launch cost. transformers' own static cache + torch.compile path was no faster:
+(benchmarks/profile_generate.py). Recording the step once as a CUDA graph (once more for each smaller
+set of rows, below) and replaying it removes the launch cost. transformers' own static cache + torch.compile path was no faster:
 under compile its sdpa attention repeats the KV heads over the whole cache (`repeat_kv`), while
 run eagerly (as here, also while recording) a single-token step attends per KV head (`pack_gqa`).
 
@@ -447,7 +447,9 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                     step()
                 torch.cuda.current_stream().wait_stream(side)
                 k -= 1
-                # Its own memory pool, freed with the graph (when decoding is done, or the rows are compacted).
+                # Its own memory pool, freed with the graph when decoding is done or the rows are
+                # compacted. (A pool shared by successive graphs trips an allocator assert in torch 2.11
+                # once the first graph is freed.)
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph):
