@@ -398,6 +398,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         # Per row, additive masks over the slots: its own tokens up to the one being written, and
         # for sliding layers only the last `window` of them (transformers': kv > q - window).
         n_masks = {kind: torch.empty(n, 1, 1, slots, dtype=dtype, device=device) for kind in set(kinds)}
+        n_mask = _as_model_mask(n_masks, kinds)
         zero = torch.zeros((), dtype=dtype, device=device)
         masked = torch.full((), lowest, dtype=dtype, device=device)
 
@@ -410,8 +411,8 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                 allowed &= slot_ids[None, :] > n_positions - window
                 torch.where(allowed[:, None, None, :], zero, masked, out=n_masks[SLIDING])
             with step_attention:
-                logits = model(input_ids=n_tokens, attention_mask=_as_model_mask(n_masks, kinds),
-                               position_ids=n_positions, past_key_values=view, use_cache=True).logits
+                logits = model(input_ids=n_tokens, attention_mask=n_mask, position_ids=n_positions,
+                               past_key_values=view, use_cache=True).logits
             n_tokens.copy_(logits[:, -1:].argmax(-1))
             n_out.scatter_(1, n_column[:, None], n_tokens)
             # (A row with no question left stops at the last position a question can reach: a
