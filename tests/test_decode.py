@@ -4,6 +4,7 @@ On CPU the engine runs the same loop without CUDA graphs; what a graph replays i
 step, so token equality here is the check that the engine decodes what the model says.
 """
 import dataclasses
+import math
 
 import pytest
 
@@ -255,9 +256,16 @@ END = {2, 3}  # eos, pad
 ])
 def test_answer_length(ids, expected):
     pieces = {5: "12", 6: " Question", 7: " more", 9: ":"}
-    decode = lambda ids: "".join(pieces.get(t, "") for t in ids)  # noqa: E731
-    stop = ["Question:"] if ids[:1] != [9] else [":"]
+    decoded = []
+
+    def decode(ids):
+        decoded.append(ids)
+        return "".join(pieces.get(t, "") for t in ids)
+
+    # Three stop strings that never show: each text is decoded once, not once per stop string.
+    stop = (["Question:"] if ids[:1] != [9] else [":"]) + ["</s>", "<|im_end|>", "Q:"]
     assert answer_length(ids, decode, stop, END) == expected
+    assert len(decoded) <= 1 + math.ceil(math.log2(len(ids) + 1)), "one decode per text, and a bisection"
 
 
 def test_sampling_needs_the_generate_engine():
