@@ -137,6 +137,26 @@ def answer_length(ids: list[int], decode, stop: list[str], end_ids: set) -> tupl
     return lo, True
 
 
+def looks_ended(decode, stop: list[str], end_ids: set):
+    """The static engine's `ended(question, ids)`: whether an answer has ended, asked at each look
+    (the GPU waits meanwhile). Only the ids since the question's last look can hold a new EOS, and a
+    stop string completed since then ends in their text: the whole answer is decoded and checked
+    only when the text of those ids and STOP_CONTEXT before them holds a stop string. A stop string
+    that this window missed (one spread over more tokens) is cut afterwards all the same, by
+    answer_length over the whole answer: only decoding it longer costs."""
+    looked: dict[int, int] = {}  # per question, the ids seen at its last look
+
+    def ended(question: int, ids: list[int]) -> bool:
+        start, looked[question] = looked.get(question, 0), len(ids)
+        if not end_ids.isdisjoint(ids[start:]):
+            return True
+        if not stop or not holds_stop(decode(ids[max(start - STOP_CONTEXT, 0):]), stop):
+            return False
+        return answer_length(ids, decode, stop, end_ids)[1]
+
+    return ended
+
+
 def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]], stop: list[str],
              max_new_tokens: int, show_progress: bool = True) -> tuple[list[str], int]:
     """Completions of the prompts `encoded` (token ids, in input order), decoded with
@@ -157,27 +177,12 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
     if eval_p.engine == "static":
         from stages.decode import greedy_decode
 
-        looked: dict[int, int] = {}  # per question, the ids seen at its last look
-
-        def ended(question: int, ids: list[int]) -> bool:
-            """Whether the answer has ended, for the engine's looks (the GPU waits meanwhile). Only
-            the ids since the last look can hold a new EOS, and a stop string completed since then
-            ends in their text: the whole answer is decoded and checked only when the text of those
-            ids and STOP_CONTEXT before them holds a stop string. A stop string that this window
-            missed (one spread over more tokens) is cut afterwards all the same, by answer_length
-            over the whole answer: only decoding it longer costs."""
-            start, looked[question] = looked.get(question, 0), len(ids)
-            if not end_ids.isdisjoint(ids[start:]):
-                return True
-            if not stop or not holds_stop(decode(ids[max(start - STOP_CONTEXT, 0):]), stop):
-                return False
-            return answer_length(ids, decode, stop, end_ids)[1]
-
         with torch.inference_mode(), tqdm(total=len(encoded), desc="evaluate", unit="question",
                                           disable=not show_progress) as bar:
             try:
-                new_ids = greedy_decode(model, encoded, eval_p.batch_size, max_new_tokens, pad_id, ended,
-                                        use_graph=device.type == "cuda", progress=bar.update)
+                new_ids = greedy_decode(model, encoded, eval_p.batch_size, max_new_tokens, pad_id,
+                                        looks_ended(decode, stop, end_ids), use_graph=device.type == "cuda",
+                                        progress=bar.update)
             except torch.OutOfMemoryError:
                 raise
             except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:

@@ -215,7 +215,6 @@ def test_a_stop_string_ends_decoding_at_the_look_after_it(model_and_tokenizer, m
     """The engine's looks find a stop string in the text of the ids since the last look (and a few
     before): decoding ends there instead of running the budget, and the texts are generate's."""
     import stages.decode as decode
-    from stages.modeling import encode_prompt, render_prompt
 
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(decode, "CHECK_EVERY", 2)
