@@ -115,7 +115,7 @@ def parse_args(argv):
                    help="prompts for the generate_* variants (default 256: one or two batches, extrapolated)")
     p.add_argument("--eval-baseline-prompts", type=int, default=None,
                    help="prompts for the 4-bit variants, plain and project (default 128: two batches, "
-                        "extrapolated; the whole split takes ~9 min each)")
+                        "extrapolated; the whole split takes ~9 min each; 0 leaves the plain baseline out)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 256; tiny 16)")
     p.add_argument("--length-scale", type=float, default=None,
                    help="multiply every sequence length (default 1; tiny 0.25, for CPU speed)")
@@ -264,7 +264,9 @@ def wanted_variants(args, section: str) -> list[str]:
         # In the order asked for: a compiled variant that follows another one in the process ran faster
         # (runs 9 and 10), so the order is part of the measurement.
         return ["baseline"] + [v for v in args.train_variants.split(",") if v in TRAIN_VARIANTS or v in PEER_VARIANTS]
-    return [v for v in EVAL_VARIANTS if v == "baseline_4bit_b64" or v in args.eval_variants.split(",")]
+    # The plain recipe's baseline always, unless --eval-baseline-prompts 0 leaves it out.
+    return [v for v in EVAL_VARIANTS if (v == "baseline_4bit_b64" and args.eval_baseline_prompts != 0)
+            or v in args.eval_variants.split(",")]
 
 
 def time_plan(args, est: dict, build_needed: bool) -> dict:

@@ -432,12 +432,17 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         occupant[:len(active)], done[:len(active)] = [occupant[r] for r in active], [done[r] for r in active]
 
     replay = None
+    # The step a graph was recorded from: its tensors (write slots, masks, row indices) are the
+    # graph's inputs and outputs, read and written by address on every replay, so they must live as
+    # long as the graph does. Freed, the allocator hands their memory to the next prefill while the
+    # graph goes on writing there.
+    recorded = None
     in_use = rows  # the first rows the steps run on
 
     def run_steps(k: int) -> None:
-        nonlocal replay
+        nonlocal replay, recorded
         if replay is None:
-            step = make_step(in_use)
+            step = recorded = make_step(in_use)
             replay = step
             if use_graph:
                 # A first step runs for real on a side stream (CUDA graphs need warmed-up kernels and
@@ -492,7 +497,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
             return results
         if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
             compact(active)
-            in_use, active, replay = max(len(active), 1), list(range(len(active))), None
+            in_use, active, replay, recorded = max(len(active), 1), list(range(len(active))), None, None
         # Up to the next look, and never past an active question's budget (its tokens stay within
         # `out` and its slots); rows with no question run on, unread.
         k = min(CHECK_EVERY, min(new_tokens - done[r] for r in active))
