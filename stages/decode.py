@@ -428,7 +428,8 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         index = torch.tensor(active, device=device)
         for tensor in (*cache.keys, *cache.values, tokens, positions, out, column):
             for s in range(0, len(active), COMPACT_COPY_ROWS):
-                tensor[s:s + COMPACT_COPY_ROWS] = tensor[index[s:s + COMPACT_COPY_ROWS]]
+                chunk = index[s:s + COMPACT_COPY_ROWS]  # the last one is shorter
+                tensor[s:s + len(chunk)] = tensor[chunk]
         occupant[:len(active)], done[:len(active)] = [occupant[r] for r in active], [done[r] for r in active]
 
     replay = None
