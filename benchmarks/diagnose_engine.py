@@ -1,4 +1,4 @@
-"""OUT=<dir> python benchmarks/diagnose_engine.py [--tiny] [--cases a,b] [--before FILE]  (run 20)
+"""OUT=<dir> python benchmarks/diagnose_engine.py [--tiny] [--cases a,b] [--before FILE] [--tag run20]  (run 20)
 
 Whether the static engine (stages/decode.py: refill, compaction, the fused step attention, CUDA
 graphs) runs on this GPU and decodes what its eager path decodes. Run 20's first try of the engine on
@@ -125,6 +125,7 @@ def main() -> None:
     parser = bench_model.script_parser(bench_model.default_workdir(bench_model.bench_shape()))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--tag", default="run20", help="names the results file: diagnose_engine_<tag>_<gpu>.json")
     parser.add_argument("--before", default=None, help="an earlier stages/decode.py to run as the before_* cases")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--journal", default=None, help=argparse.SUPPRESS)
@@ -138,7 +139,7 @@ def main() -> None:
     groups = ([[f"before_{c}" for c in BEFORE]] if args.before else []) + [args.cases.split(",")]
     out_dir = Path(os.environ.get("OUT", args.out))
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"diagnose_engine_run20_{bench_device.slug(bench_device.gpu_name())}.json"
+    path = out_dir / f"diagnose_engine_{args.tag}_{bench_device.slug(bench_device.gpu_name())}.json"
     results = {"command": "python " + " ".join(sys.argv), "gpu": bench_device.gpu_name(),
                "versions": bench_device.versions(), "build": build, "cases": {}}
     journal = out_dir / "diagnose_engine.journal"

@@ -389,3 +389,28 @@ def test_pruned_wheel_installs_without_the_pruned_folders(tmp_path):
     check = subprocess.run([sys.executable, "-c", "import unsloth; print(unsloth.VALUE)"], capture_output=True,
                            text=True, env={"PYTHONPATH": str(target)}, timeout=60)
     assert check.stdout.strip() == "42"
+
+
+def test_diagnose_engine_records_a_crashed_case_and_goes_on(tmp_path):
+    """benchmarks/diagnose_engine.py on the tiny model: a case whose child process dies (here by a
+    segmentation fault, as run 20's first GPU try did) is recorded as crashed with its last lines, and
+    the next case runs in a new child and compares the engine with its eager path."""
+    script = tmp_path / "diagnose_engine.py"
+    source = (ROOT / "benchmarks" / "diagnose_engine.py").read_text()
+    # The copy dies where the named case starts; it imports its siblings from benchmarks/ as the original does.
+    source = source.replace('HERE = Path(__file__).resolve().parent', f'HERE = Path({str(ROOT / "benchmarks")!r})')
+    source = source.replace("    n, rows, new_tokens, answers, graph, fused, eager = CASES[name]\n",
+                            "    if name == 'small_one_pass':\n        os.kill(os.getpid(), 11)\n"
+                            "    n, rows, new_tokens, answers, graph, fused, eager = CASES[name]\n")
+    assert "os.kill" in source
+    script.write_text(source)
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--tag", "t",
+                          "--cases", "small_one_pass,small_answers_sdpa"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(next(tmp_path.glob("diagnose_engine_t_*.json")).read_text())["cases"]
+    assert results["small_one_pass"]["crashed"] is True
+    assert any("Segmentation fault" in line or "SIGSEGV" in line
+               for line in results["small_one_pass"]["stderr_tail"] + results["small_one_pass"]["native_frames"])
+    assert results["small_answers_sdpa"]["identical_to_eager"] == "64/64"
+    assert results["small_answers_sdpa"]["answers_cut_at_their_length"] == 64
