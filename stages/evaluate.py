@@ -157,6 +157,17 @@ def looks_ended(decode, stop: list[str], end_ids: set):
     return ended
 
 
+def raised_in_model_code(exc: BaseException) -> bool:
+    """Whether the traceback passes through the model's code (transformers' forward, attention and
+    mask builders, a hub model's own module, peft's layers), where an architecture the static engine
+    cannot drive fails."""
+    import traceback
+    from pathlib import PurePath
+
+    model_code = {"transformers", "transformers_modules", "peft"}
+    return any(model_code & set(PurePath(frame.filename).parts) for frame in traceback.extract_tb(exc.__traceback__))
+
+
 def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]], stop: list[str],
              max_new_tokens: int, show_progress: bool = True) -> tuple[list[str], int]:
     """Completions of the prompts `encoded` (token ids, in input order), decoded with
@@ -183,9 +194,14 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
                 new_ids = greedy_decode(model, encoded, eval_p.batch_size, max_new_tokens, pad_id,
                                         looks_ended(decode, stop, end_ids), use_graph=device.type == "cuda",
                                         progress=bar.update)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, torch.AcceleratorError):
                 raise
             except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+                if not raised_in_model_code(exc):
+                    # The engine's own code failed, not the model's forward: a bug to report with its
+                    # traceback, not a model to decode otherwise (run 20: a compaction's shape error read
+                    # "cannot decode LlamaForCausalLM").
+                    raise
                 # An architecture whose forward wants more of transformers' Cache than
                 # stages/decode.py provides: say which setting avoids it.
                 raise UserError(f"params.yaml: evaluate.engine: static cannot decode {type(model).__name__} "

@@ -298,6 +298,23 @@ def test_a_model_the_engine_cannot_drive_gets_a_one_line_error(model_and_tokeniz
     assert message.endswith("set evaluate.engine: generate") and "get_seq_length" in message
 
 
+def test_a_failure_in_the_engine_itself_is_not_called_the_models(model_and_tokenizer, monkeypatch):
+    """An error raised by stages/decode.py's own code, not inside the model's forward, keeps its
+    traceback: it is a bug to report, not a model to decode with evaluate.engine: generate (run 20's
+    compaction error read "cannot decode LlamaForCausalLM")."""
+    import stages.decode as decode
+
+    def broken(lengths):
+        raise RuntimeError("The expanded size of the tensor (64) must match the existing size (30)")
+
+    monkeypatch.setattr(decode, "prefill_chunks", broken)
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(RuntimeError, match="expanded size") as error:
+        generate_questions(model, tokenizer, PROMPT, EvaluateParams(max_new_tokens=4, batch_size=2), QUESTIONS[:2],
+                           show_progress=False)
+    assert type(error.value) is RuntimeError
+
+
 def test_static_engine_drives_a_4bit_base_with_an_unmerged_adapter(tiny_model_dir, tmp_path):
     """evaluate.dequantize: false keeps the NF4 base and the PeftModel wrapper; the engine decodes
     through them as generate does."""
