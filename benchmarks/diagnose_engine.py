@@ -4,7 +4,8 @@ Whether the static engine (stages/decode.py: refill, compaction, the fused step 
 graphs) runs on this GPU and decodes what its eager path decodes. Run 20's first try of the engine on
 an H100 died with a segmentation fault inside a CUDA graph replay (`bench.py --sections eval`,
 static_auto), so every case runs in a child process: a crash is recorded with the child's last
-lines (faulthandler: where it died) and the next case goes on in a new child.
+lines (faulthandler: where it died in Python) and, where the machine has gdb, the native frames, and
+the next case goes on in a new child.
 
 Cases (CASES): the Llama-3.1-8B shape with random weights, dequantized as evaluate.dequantize does,
 GSM8K-test-length prompts; "_answers" cases end each answer at a GSM8K-like length
@@ -53,7 +54,7 @@ def run_case(name: str, workdir: str, tiny: bool, before: str | None) -> dict:
     import torch
 
     if name.startswith("before_"):
-        # The earlier engine under the committed module's name, so that stages.evaluate calls it.
+        # The earlier engine in place of the committed one, under its module name: the imports below get it.
         import stages
 
         spec = importlib.util.spec_from_file_location("stages.decode", before)
