@@ -391,7 +391,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
     def make_step(n: int):
         """One decoding step of the first n rows (views: a recorded graph reads and writes them in place)."""
         n_tokens, n_positions, n_out, n_column = tokens[:n], positions[:n], out[:n], column[:n]
-        # A row with no question left runs on past its slots: it writes (unread) into the last one.
+        # A row with no question left writes (unread) into its own slots, never past the last one.
         write_slots = torch.zeros(n, dtype=torch.long, device=device)
         view = SlotCache([k[:n] for k in cache.keys], [v[:n] for v in cache.values], write_slots)
         view.rows = torch.arange(n, device=device)
@@ -490,12 +490,25 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         free = [r for r, i in enumerate(occupant[:in_use]) if i is None]
         if queue and free:
             taken = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+            running = [r for r, i in enumerate(occupant[:in_use]) if i is not None]
+            if not queue and in_use > COMPACT_DOWN_TO and (len(running) + len(taken)) * 4 <= in_use * 3:
+                # The last questions: the answers still running move to the first rows and these
+                # questions go right after them, so that their steps do not pay for the rows left over
+                # (when every answer runs the whole budget, 541 questions after the first 778 rows).
+                compact(running)
+                in_use, replay, recorded = len(running) + len(taken), None, None
+                free = list(range(len(running), in_use))
             fill(free[:len(taken)], taken)
             for r, i in zip(free, taken):
                 occupant[r], done[r] = i, 1
         active = [r for r, i in enumerate(occupant[:in_use]) if i is not None]
         if not active:
             return results
+        idle = [r for r in range(in_use) if occupant[r] is None]
+        if idle:
+            # A row with nothing to decode still runs with the others; back at position 0 its mask
+            # allows a few slots, so the attention kernel reads one block of its cache, not all of it.
+            positions[torch.tensor(idle, device=device), 0] = 0
         if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
             compact(active)
             in_use, active, replay, recorded = max(len(active), 1), list(range(len(active))), None, None

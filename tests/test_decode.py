@@ -214,6 +214,43 @@ def test_answers_still_running_move_into_fewer_rows_once_no_question_is_left(mod
     assert [n for k, n in enumerate(step_rows) if k == 0 or step_rows[k - 1] != n] == [4, 2, 1]
 
 
+def test_the_last_questions_go_right_after_the_answers_still_running(model_and_tokenizer, monkeypatch):
+    """Seven questions through 4 rows, every answer running the whole budget (as the benchmark's
+    random weights do): the 3 questions left after the first 4 go into the first 3 rows and the steps
+    run on 3 rows, not on 4 with one idle; every question's tokens are still generate's."""
+    import stages.decode as decode
+
+    model, tokenizer = model_and_tokenizer
+    step_rows = []
+    watch_layer_0_writes(monkeypatch, lambda cache, keys: cache.prefill_rows is None and step_rows.append(
+        keys.shape[0]))
+    monkeypatch.setattr(decode, "CHECK_EVERY", 2)
+    monkeypatch.setattr(decode, "COMPACT_DOWN_TO", 1)
+    questions = QUESTIONS + ["What is 12 divided by 4?"]
+    eval_p = EvaluateParams(max_new_tokens=6, batch_size=4, stop=[])
+    static = token_ids(model, tokenizer, eval_p, questions)
+    assert static == token_ids(model, tokenizer, dataclasses.replace(eval_p, engine="generate"), questions)
+    assert [n for k, n in enumerate(step_rows) if k == 0 or step_rows[k - 1] != n] == [4, 3]
+
+
+def test_a_row_with_nothing_to_decode_attends_to_its_first_slots_only(model_and_tokenizer, monkeypatch):
+    """Rows whose answer ended, with no question left to take and too few to compact, still run with
+    the others: each look puts them back at position 0, so they write (and the attention reads) their
+    first slots only, not a whole row of cache. The answer still running is generate's."""
+    import stages.decode as decode
+
+    writes = []
+    watch_layer_0_writes(monkeypatch, lambda cache, keys: cache.prefill_rows is None and writes.append(
+        cache.write_slots.tolist()))
+    monkeypatch.setattr(decode, "CHECK_EVERY", 2)
+    monkeypatch.setattr(decode, "COMPACT_DOWN_TO", 100)
+    decode_ending_at(*model_and_tokenizer, EvaluateParams(max_new_tokens=12, batch_size=6, stop=[]),
+                     targets=[1, 12, 1, 1, 1, 1])
+    # The last steps: one row writes past its prompt, the five others within the first CHECK_EVERY slots.
+    assert sorted(slot >= 2 for slot in writes[-1]) == [False] * 5 + [True]
+    assert max(writes[-1]) > 12
+
+
 def test_a_stop_string_ends_decoding_at_the_look_after_it(model_and_tokenizer, monkeypatch):
     """The engine's looks find a stop string in the text of the ids since the last look (and a few
     before): decoding ends there instead of running the budget, and the texts are generate's."""
