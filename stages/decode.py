@@ -23,7 +23,9 @@ processors), which is what published GSM8K numbers use. On CPU the same loop run
 The batch is a set of rows that questions flow through: when a row's answer has ended (EOS, a stop
 string, or its max_new_tokens), the next question is prefilled into that row while the others go
 on, so that real answers of very different lengths do not leave rows idle until the longest one in
-a batch ends; once no question is left, the answers still running move into fewer rows. A
+a batch ends; the last questions go right after the answers still running, and once no question is
+left those move into fewer rows (a row with nothing to decode costs a step's matmuls, and its cache
+would cost the attention too, were it not put back at position 0). A
 question's token at position p sits in slot p of its row, so its keys are laid out, masked and
 summed as they would be for the question alone, whichever row it has and whatever ran there before
 (tests/test_decode.py, test_decode_families.py: token for token against `generate`).
