@@ -42,6 +42,9 @@ CASES = {
     "small_answers": (256, 64, 128, True, True, True, True),
     "small_answers_sdpa": (256, 64, 128, True, True, False, True),
     "small_answers_no_graph": (256, 64, 128, True, False, True, False),
+    # Every answer runs the budget: after three passes of 64 rows the last 8 questions take the first
+    # 8 rows and the steps run on those alone (a graph of 8 rows, recorded at that refill).
+    "small_budget_refill": (200, 64, 64, False, True, True, True),
     "split_auto": (1319, "auto", 256, False, True, True, False),
     "split_auto_answers": (1319, "auto", 256, True, True, True, False),
 }
