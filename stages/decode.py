@@ -506,14 +506,14 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
         active = [r for r, i in enumerate(occupant[:in_use]) if i is not None]
         if not active:
             return results
+        if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
+            compact(active)
+            in_use, active, replay, recorded = max(len(active), 1), list(range(len(active))), None, None
         idle = [r for r in range(in_use) if occupant[r] is None]
         if idle:
             # A row with nothing to decode still runs with the others; back at position 0 its mask
             # allows a few slots, so the attention kernel reads one block of its cache, not all of it.
             positions[torch.tensor(idle, device=device), 0] = 0
-        if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
-            compact(active)
-            in_use, active, replay, recorded = max(len(active), 1), list(range(len(active))), None, None
         # Up to the next look, and never past an active question's budget (its tokens stay within
         # `out` and its slots); rows with no question run on, unread.
         k = min(CHECK_EVERY, min(new_tokens - done[r] for r in active))
