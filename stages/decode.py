@@ -426,7 +426,10 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
 
     def compact(active: list[int]) -> None:
         """Move the rows `active` (ascending) to the front, state and cache. Each row moves to an
-        index at or before its own, and chunks go in order, so no row is overwritten before it is read."""
+        index at or before its own, and chunks go in order, so no row is overwritten before it is read.
+        The graph recorded for the rows in use is dropped: the next steps record one for the new rows."""
+        nonlocal replay, recorded
+        replay = recorded = None
         index = torch.tensor(active, device=device)
         for tensor in (*cache.keys, *cache.values, tokens, positions, out, column):
             for s in range(0, len(active), COMPACT_COPY_ROWS):
@@ -498,7 +501,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                 # questions go right after them, so that their steps do not pay for the rows left over
                 # (when every answer runs the whole budget, 541 questions after the first 778 rows).
                 compact(running)
-                in_use, replay, recorded = len(running) + len(taken), None, None
+                in_use = len(running) + len(taken)
                 free = list(range(len(running), in_use))
             fill(free[:len(taken)], taken)
             for r, i in zip(free, taken):
@@ -508,7 +511,7 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
             return results
         if not queue and in_use > COMPACT_DOWN_TO and len(active) * 2 <= in_use:
             compact(active)
-            in_use, active, replay, recorded = max(len(active), 1), list(range(len(active))), None, None
+            in_use, active = max(len(active), 1), list(range(len(active)))
         idle = [r for r in range(in_use) if occupant[r] is None]
         if idle:
             # A row with nothing to decode still runs with the others; back at position 0 its mask
