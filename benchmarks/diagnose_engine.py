@@ -1,4 +1,4 @@
-"""OUT=<dir> python benchmarks/diagnose_engine.py [--tiny] [--cases a,b] [--before FILE] [--tag run20]  (run 20)
+"""OUT=<dir> python benchmarks/diagnose_engine.py [--tiny] [--cases a,b] [--before FILE] --tag run21
 
 Whether the static engine (stages/decode.py: refill, compaction, the fused step attention, CUDA
 graphs) runs on this GPU and decodes what its eager path decodes. Run 20's first try of the engine on
@@ -129,7 +129,7 @@ def main() -> None:
     parser = bench_model.script_parser(bench_model.default_workdir(bench_model.bench_shape()))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--tag", default="run20", help="names the results file: diagnose_engine_<tag>_<gpu>.json")
+    parser.add_argument("--tag", required=True, help="names the results file: diagnose_engine_<tag>_<gpu>.json (e.g. run21)")
     parser.add_argument("--before", default=None, help="an earlier stages/decode.py to run as the before_* cases")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--journal", default=None, help=argparse.SUPPRESS)
