@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from stages.config import ModelParams, load_params
-from stages.io import UserError, atomic_path, check_writable, cli
+from stages.io import UserError, atomic_path, check_writable, cli, is_write_error
 
 PROVENANCE = "export.json"
 # Written by every tokenizer's save_pretrained, fast or slow (whose other files differ).
@@ -164,8 +164,6 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer.save_pretrained(tmp)
             (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     except Exception as exc:
-        from stages.train import is_write_error
-
         if not is_write_error(exc):
             raise
         raise UserError(save_failed_message(args.out, exc)) from None

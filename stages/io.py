@@ -119,3 +119,21 @@ def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
     return rows
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a full disk raises while saving: OSError (ENOSPC) from Python, RuntimeError from torch.save's
+    C++ writer (`[enforce fail at inline_container.cc:...] . unexpected pos`), SafetensorError."""
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    return errors
+
+
+def is_write_error(exc: BaseException) -> bool:
+    import torch
+
+    # An OOM is a RuntimeError too, and has its own message (main's OutOfMemoryError handler).
+    return isinstance(exc, write_errors()) and not isinstance(exc, torch.OutOfMemoryError)

@@ -35,7 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stages.config import CUDA_GRAPH_LENGTH_MULTIPLE, ModelParams, PromptParams, TrainParams, load_params
-from stages.io import UserError, atomic_path, cli, read_jsonl, write_json
+from stages.io import UserError, atomic_path, cli, is_write_error, read_jsonl, write_json
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -365,29 +365,11 @@ def stop_on_non_finite(trainer, learning_rate: float, max_grad_norm: float) -> N
     trainer.callback_handler.callbacks.insert(0, CheckFinite())
 
 
-def write_errors() -> tuple[type[BaseException], ...]:
-    """What a full disk raises while saving: OSError (ENOSPC) from Python, RuntimeError from torch.save's
-    C++ writer (`[enforce fail at inline_container.cc:...] . unexpected pos`), SafetensorError."""
-    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
-    with contextlib.suppress(ImportError):
-        from safetensors import SafetensorError
-
-        errors += (SafetensorError,)
-    return errors
-
-
 def save_failed_message(where: str | Path, exc: BaseException, then: str) -> str:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
     return (f"train: cannot write {where} ({first}); the disk {'is' if full else 'may be'} full: "
             f"free space there and run again ({then})")
-
-
-def is_write_error(exc: BaseException) -> bool:
-    import torch
-
-    # An OOM is a RuntimeError too, and has its own message (main's OutOfMemoryError handler).
-    return isinstance(exc, write_errors()) and not isinstance(exc, torch.OutOfMemoryError)
 
 
 def name_save_errors(trainer) -> None:

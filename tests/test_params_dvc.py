@@ -90,6 +90,59 @@ def test_the_stages_read_the_sections_the_table_says():
         assert sections == READS[stage], f"{path} reads {sections}"
 
 
+# Modules a stage imports that cannot change what it writes, left out of its deps so that editing them
+# does not re-run hours of training: module -> (the stages it is left out of, why). Every other
+# `stages/` module a stage's command reaches through its imports (at any depth, inside functions too)
+# is one of its deps, and nothing else under stages/ is.
+NOT_DEPS = {
+    "stages/quiet.py": ({"fingerprint", "prepare", "train", "evaluate", "evaluate_base", "report", "export"},
+                        "which library warnings are silenced: the log, not the outputs"),
+    "stages/protocols.py": ({"fingerprint", "prepare", "train", "export"},
+                            "reached through config.py's check of evaluate.protocol's name and memory.py's "
+                            "estimate for evaluation"),
+    "stages/decode.py": ({"train", "export"}, "reached through memory.py, whose PREFILL_TOKENS sizes evaluation's estimate"),
+    "stages/decode_attention.py": ({"train", "export"}, "reached through decode.py, as above"),
+}
+
+
+def stage_imports(path: Path) -> set[str]:
+    """The stages/ modules a file imports, wherever the import statement is."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("stages.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "stages":
+            names |= {f"stages.{a.name}" for a in node.names}  # from stages import memory
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("stages."):
+            names.add(node.module)
+    return {name.replace(".", "/") + ".py" for name in names}
+
+
+def test_each_stage_depends_on_the_code_it_runs():
+    """A stage whose code changed must re-run: evaluate once did not list stages/decode.py (the engine
+    that decodes every answer) and train did not list stages/gsm8k.py (which builds every training
+    prompt), so after an edit there `dvc repro` kept the old exact_match."""
+    checked = 0
+    for pipeline in ("dvc.yaml", "export/dvc.yaml"):
+        for stage, spec in yaml.safe_load(committed_text(pipeline))["stages"].items():
+            todo = [f"stages/{m}.py" for m in re.findall(r"\bstages\.(\w+)", spec["cmd"])]
+            assert todo, f"{pipeline}: {stage} runs no stages/ module"
+            reached = set()
+            while todo:
+                path = todo.pop()
+                if path not in reached:
+                    reached.add(path)
+                    todo += stage_imports(REPO / path)
+            wanted = {p for p in reached if stage not in NOT_DEPS.get(p, ((), ""))[0]}
+            listed = {d for d in spec["deps"] if isinstance(d, str) and d.startswith("stages/")}
+            assert listed == wanted, (f"{pipeline}: {stage}'s deps lack {sorted(wanted - listed)}, "
+                                      f"list beyond its code {sorted(listed - wanted)}")
+            checked += 1
+    assert checked == 7
+
+
 @pytest.fixture(scope="module")
 def dvc_project(tmp_path_factory):
     """This repository's dvc.yaml and code with the committed params, and a placeholder for every
