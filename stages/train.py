@@ -156,9 +156,12 @@ def tokenize_rows(tokenizer, prompt: PromptParams, rows: list[dict], max_length:
     return out, truncated
 
 
-def fingerprint(model: ModelParams, prompt: PromptParams, train: TrainParams, files: list[str]) -> str:
-    """What a checkpoint must match to be resumed: every param that shapes training, and the data."""
-    h = hashlib.sha256(json.dumps([asdict(model), asdict(prompt), asdict(train)], sort_keys=True).encode())
+def fingerprint(model: ModelParams, prompt: PromptParams, train: TrainParams, files: list[str],
+                model_identity: dict) -> str:
+    """What a checkpoint must match to be resumed: every param that shapes training, what model.name
+    resolved to (a model directory rebuilt at the same path, a hub branch that moved: the params alone
+    are the same), and the data."""
+    h = hashlib.sha256(json.dumps([asdict(model), asdict(prompt), asdict(train), model_identity], sort_keys=True).encode())
     for f in files:
         h.update(Path(f).read_bytes())
     return h.hexdigest()
@@ -545,12 +548,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", required=True, help="JSON of the dev loss (the DVC metric)")
     parser.add_argument("--run-info", default=None, help="JSON of how it ran: losses, steps, time, tokens/s, peak memory")
     parser.add_argument("--live-dir", default=None, help="DVCLive directory for loss curves")
+    parser.add_argument("--model-fingerprint", default=None,
+                        help="the fingerprint stage's JSON of what model.name resolved to (else computed here); "
+                             "a checkpoint of another model is not resumed")
     args = parser.parse_args(argv)
 
     model_p, prompt_p, train_p = load_params(args.params, "model", "prompt", "train")
     train_rows, dev_rows = read_jsonl(args.train_file), read_jsonl(args.dev_file)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     per_rank_batch(world_size, train_p.per_device_train_batch_size, train_p.gradient_accumulation_steps)  # fail early
+    model_identity = read_model_identity(args.model_fingerprint, model_p)
     check_output_locations([
         ("--metrics", args.metrics, False, False),
         *([("--run-info", args.run_info, False, False)] if args.run_info else []),
@@ -562,11 +569,29 @@ def main(argv: list[str] | None = None) -> None:
     # rank 0 stops, the launcher stops its other ranks, which are waiting for rank 0 by then.
     is_main = int(os.environ.get("RANK", "0")) == 0
     with resume_dir_lock(args.resume_dir) if is_main else contextlib.nullcontext():
-        run_training(args, model_p, prompt_p, train_p, train_rows, dev_rows, world_size)
+        run_training(args, model_p, prompt_p, train_p, train_rows, dev_rows, world_size, model_identity)
+
+
+def read_model_identity(path: str | None, model_p: ModelParams) -> dict:
+    """What model.name resolves to now: the fingerprint stage's file (dvc.yaml passes it), else hashed here."""
+    if path is None:
+        from stages.fingerprint import model_fingerprint
+
+        return model_fingerprint(model_p.name, model_p.revision, cache={})
+    try:
+        identity = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model-fingerprint {path}: cannot read it ({exc}); run `dvc repro`, whose fingerprint "
+                        f"stage writes it") from None
+    described = identity.get("name") if isinstance(identity, dict) else identity
+    if described != model_p.name:
+        raise UserError(f"--model-fingerprint {path}: it describes {described!r}, not model.name '{model_p.name}'; "
+                        f"run `dvc repro`, whose fingerprint stage rewrites it")
+    return identity
 
 
 def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: TrainParams,
-                 train_rows: list[dict], dev_rows: list[dict], world_size: int) -> None:
+                 train_rows: list[dict], dev_rows: list[dict], world_size: int, model_identity: dict) -> None:
     from stages import memory
     from stages.modeling import load_config, load_tokenizer, process_state
 
@@ -584,7 +609,7 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
     if n_cut:
         print(f"train: {n_cut} of {len(train_tok)} rows are longer than train.max_length={train_p.max_length} and were cut")
 
-    fp = fingerprint(model_p, prompt_p, train_p, [args.train_file, args.dev_file])
+    fp = fingerprint(model_p, prompt_p, train_p, [args.train_file, args.dev_file], model_identity)
     # Rank 0 first: it deletes checkpoints of another configuration before any rank looks.
     with process_state().main_process_first():
         resume_from = find_resume_checkpoint(args.resume_dir, fp)

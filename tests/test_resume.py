@@ -166,3 +166,42 @@ def test_checkpoints_of_other_params_are_not_resumed(setup, tmp_path):
     assert find_resume_checkpoint(resume, "fingerprint-a").name == "checkpoint-2"
     assert find_resume_checkpoint(resume, "fingerprint-b") is None
     assert not (resume / "checkpoint-2").exists()
+
+
+def test_a_model_rebuilt_at_the_same_path_is_another_configuration(tiny_model_dir, tmp_path):
+    """Same params, same data, other weights behind model.name (a directory rebuilt in place, a hub branch
+    that moved): DVC re-runs train, and train must not resume the old model's checkpoint into the new one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stages.config import ModelParams, PromptParams, TrainParams
+    from stages.fingerprint import model_fingerprint
+    from stages.io import UserError
+    from stages.train import fingerprint, read_model_identity
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    model_p = ModelParams(name=str(model_dir))
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q", "answer": "a\\n#### 1"}\n')
+
+    def resume_fingerprint(identity):
+        return fingerprint(model_p, PromptParams(), TrainParams(), [str(data)], identity)
+
+    before = read_model_identity(None, model_p)  # hashed here when no fingerprint file is given
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    after = read_model_identity(None, model_p)
+    assert resume_fingerprint(before) != resume_fingerprint(after)
+
+    # The pipeline passes the fingerprint stage's file instead of hashing again.
+    stage_file = tmp_path / "model.json"
+    stage_file.write_text(json.dumps(model_fingerprint(model_p.name, None, {})))
+    assert read_model_identity(str(stage_file), model_p) == after
+    with pytest.raises(UserError, match=r"^--model-fingerprint .*model.json: it describes 'other', not model.name"):
+        stage_file.write_text(json.dumps({"name": "other"}))
+        read_model_identity(str(stage_file), model_p)
