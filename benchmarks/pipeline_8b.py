@@ -81,8 +81,8 @@ def main() -> None:
     params["evaluate"].update(max_new_tokens=256, limit=args.eval_limit, stop=[bench_model.PROBE_WORD])
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    # What identifies the model (its shape: random weights either way) in place of the fingerprint stage's hash of the 16 GB
-    # directory, which would take a share of the device call.
+    # What identifies the model (its shape: random weights either way), in place of the fingerprint
+    # stage's hash of the 16 GB directory, which would take a share of the device call.
     model_fingerprint = run_dir / "model_fingerprint.json"
     model_fingerprint.write_text(json.dumps({"name": str(model_dir), "shape": shape}, sort_keys=True))
 
