@@ -183,6 +183,12 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
     # Not the pad id: a model that writes the pad token mid-answer goes on, as in generate() and
     # lm-eval (after an answer's EOS, both fill with pad, which the EOS precedes).
     end_ids = set(eos_ids)
+    # Stop strings are looked for in the text with special tokens kept, as lm-eval's stop check and
+    # transformers' StopStringCriteria see it: `<|im_end|>` or `<|eot_id|>` is a special token that a
+    # model which does not list it as EOS writes and goes on past; decoded without it, the answer ran on
+    # to the budget or an EOS and the text after the end of turn was scored. The scored text is decoded
+    # without special tokens, as lm-eval decodes it.
+    find_stops = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     new_ids: list = [None] * len(encoded)
     if eval_p.engine == "static":
@@ -192,7 +198,7 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
                                           disable=not show_progress) as bar:
             try:
                 new_ids = greedy_decode(model, encoded, eval_p.batch_size, max_new_tokens, pad_id,
-                                        looks_ended(decode, stop, end_ids), use_graph=device.type == "cuda",
+                                        looks_ended(find_stops, stop, end_ids), use_graph=device.type == "cuda",
                                         progress=bar.update)
             except (torch.OutOfMemoryError, torch.AcceleratorError):
                 raise
@@ -232,7 +238,7 @@ def generate(model, tokenizer, eval_p: EvaluateParams, encoded: list[list[int]],
     texts: list[str] = []
     generated_tokens = 0
     for row in new_ids:
-        n, _ = answer_length(row, decode, stop, end_ids)
+        n, _ = answer_length(row, find_stops, stop, end_ids)
         generated_tokens += n
         texts.append(decode(row[:n]))
     return texts, generated_tokens

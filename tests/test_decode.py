@@ -307,6 +307,52 @@ def test_answer_length(ids, expected):
     assert len(decoded) <= 1 + math.ceil(math.log2(len(ids) + 1)), "one decode per text, and a bisection"
 
 
+def scripted_model(tokenizer, prompt_ids: list[int], *pieces):
+    """A tiny Llama that writes `pieces` (texts or token ids) after the prompt, whatever the prompt: each
+    token's embedding is a one-hot direction and the LM head maps it to the next token of the chain;
+    attention and MLP add nothing."""
+    import torch
+
+    from stages.tiny_model import tiny_model
+
+    chain = [prompt_ids[-1]]
+    for piece in pieces:
+        chain += [piece] if isinstance(piece, int) else tokenizer(piece, add_special_tokens=False)["input_ids"]
+    assert len(set(chain)) == len(chain), "a token twice in the chain has two successors"
+    model = tiny_model("llama", tokenizer, seed=0).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (token, following) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[token].zero_()
+            model.model.embed_tokens.weight[token, k] = 1.0
+            model.lm_head.weight[following, k] = 10.0
+    return model
+
+
+@pytest.mark.parametrize("engine", ["static", "generate"])
+def test_a_stop_string_that_is_a_special_token_ends_the_answer(engine):
+    """`<|im_end|>` is a special token: a model that does not list it as EOS (Qwen base models; Llama-3's
+    `<|eot_id|>` under the chat protocol) writes it and goes on. Stops are found in the text with special
+    tokens kept, as lm-eval's stop check and transformers' StopStringCriteria see it: the static engine
+    once looked in the text without them, went on past the end of turn and scored the `#### 18` after it."""
+    from stages.evaluate import generate
+    from stages.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = tokenizer("Question: Natalia sold 48 clips. How many?\nAnswer:")["input_ids"]
+    model = scripted_model(tokenizer, prompt, " I think so.", end_of_turn, "\n#### 18", tokenizer.eos_token_id)
+    stop = ["Question:", "</s>", "<|im_end|>"]  # the train_prompt protocol's
+    texts, n_tokens = generate(model, tokenizer, EvaluateParams(engine=engine, batch_size=2, max_new_tokens=40),
+                               [prompt, prompt], stop, 40, show_progress=False)
+    assert texts == [" I think so."] * 2  # up to the end of turn, decoded without special tokens
+    assert n_tokens == 2 * (len(tokenizer(" I think so.", add_special_tokens=False)["input_ids"]) + 1)
+
+
 def test_sampling_needs_the_generate_engine():
     from stages.config import ParamError
 
