@@ -57,11 +57,46 @@ def _load_jsonl_dir(path: Path) -> dict[str, list[dict]]:
     return splits
 
 
+# The files `datasets` reads by extension; a folder holding some is one config of a hub snapshot.
+_DATA_SUFFIXES = {".parquet", ".arrow", ".json", ".jsonl", ".csv"}
+
+
+def _config_folders(path: Path) -> list[str]:
+    """Subfolders of a local dataset directory that hold data files (main/ and socratic/ in a
+    snapshot of openai/gsm8k); hidden ones (.cache/, .git/) are the download's, not configs."""
+    return sorted(d.name for d in path.iterdir()
+                  if d.is_dir() and not d.name.startswith(".")
+                  and any(f.suffix in _DATA_SUFFIXES for f in d.rglob("*") if f.is_file()))
+
+
+def _local_config(path: Path, config: str | None) -> dict:
+    """load_dataset's arguments that read one config of a local directory, or a UserError.
+
+    Where the directory's README.md declares no configs, `datasets` reads every data file below it,
+    so a snapshot without its README would mix main/ and socratic/ (and repeat every test
+    question): there the folders are the configs, and data.config names the one to read."""
+    from huggingface_hub.repocard import metadata_load
+
+    readme = path / "README.md"
+    declared = (metadata_load(readme) or {}).get("configs") if readme.is_file() else None
+    configs = [c.get("config_name", "default") for c in declared] if declared else _config_folders(path)
+    if config is None and len(configs) > 1:
+        raise UserError(f"params.yaml: data.config: null, but {path} holds several configs "
+                        f"({', '.join(configs)}); name one of them")
+    if config is not None and configs and config not in configs:
+        raise UserError(f"params.yaml: data.config: {config!r} is not a config of {path} "
+                        f"(it has {', '.join(configs)})")
+    if not declared and config in configs:
+        return {"data_dir": config}
+    return {"name": config}  # declared configs, a single folder or a flat directory: as before
+
+
 def _load_with_datasets(data: DataParams) -> dict[str, list[dict]]:
     import datasets
 
+    which = _local_config(Path(data.source), data.config) if Path(data.source).is_dir() else {"name": data.config}
     try:
-        ds = datasets.load_dataset(data.source, data.config, revision=data.revision)
+        ds = datasets.load_dataset(data.source, revision=data.revision, **which)
     except (ConnectionError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(

@@ -46,6 +46,19 @@ def test_train_rows_that_duplicate_test_are_dropped():
     assert not test_q & {r["question"] for r in splits["train"] + splits["dev"]}
 
 
+def gsm8k_row(n, socratic=False):
+    """A row in GSM8K's format (its first train question, with n clips), or in the socratic config's."""
+    question = (f"Natalia sold clips to {n} of her friends in April, and then she sold half as many clips "
+                "in May. How many clips did Natalia sell altogether in April and May?")
+    may, total = n // 2, n + n // 2
+    steps = [f"Natalia sold {n}/2 = <<{n}/2={may}>>{may} clips in May.",
+             f"Natalia sold {n}+{may} = <<{n}+{may}={total}>>{total} clips altogether in April and May."]
+    if socratic:
+        steps = [f"How many clips did Natalia sell in May? ** {steps[0]}",
+                 f"How many clips did Natalia sell altogether in April and May? ** {steps[1]}"]
+    return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["train"].__setitem__(3, {"question": "q", "answer": "no final line"}),
      "train row 4: answer has no final '#### N' line"),
@@ -101,6 +114,43 @@ def test_local_directory_in_the_hub_layout_loads_through_datasets(tmp_path):
     data = DataParams(source=str(tmp_path), config="main", dev_size=5)
     splits, _ = make_splits(load_source(data), data)
     assert (len(splits["train"]), len(splits["test"])) == (25, 10)
+
+
+def write_hub_snapshot(root, readme):
+    """openai/gsm8k's layout: one folder of parquet files per config (main/, socratic/)."""
+    import datasets
+
+    for config in ("main", "socratic"):
+        for split, numbers in (("train", range(2, 22, 2)), ("test", range(100, 108, 2))):
+            (root / config).mkdir(exist_ok=True)
+            rows = [gsm8k_row(n, socratic=config == "socratic") for n in numbers]
+            datasets.Dataset.from_list(rows).to_parquet(str(root / config / f"{split}-00000-of-00001.parquet"))
+    if readme:
+        (root / "README.md").write_text("---\nconfigs:\n" + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n"
+            f"  - split: test\n    path: {c}/test-*\n" for c in ("main", "socratic")) + "---\n")
+
+
+@pytest.mark.parametrize("readme", [False, True], ids=["no_readme", "readme_configs"])
+def test_a_hub_snapshot_loads_only_the_named_config(tmp_path, readme):
+    """Without the hub's README the folders are the configs; data.config picks one, never both."""
+    write_hub_snapshot(tmp_path, readme)
+    for config in ("main", "socratic"):
+        source = load_source(DataParams(source=str(tmp_path), config=config))
+        assert (len(source["train"]), len(source["test"])) == (10, 4)
+        assert {"**" in r["answer"] for r in source["train"] + source["test"]} == {config == "socratic"}
+
+
+@pytest.mark.parametrize("readme", [False, True], ids=["no_readme", "readme_configs"])
+@pytest.mark.parametrize("config, message", [
+    (None, "params.yaml: data.config: null, but {d} holds several configs (main, socratic); name one of them"),
+    ("mian", "params.yaml: data.config: 'mian' is not a config of {d} (it has main, socratic)"),
+])
+def test_a_hub_snapshot_with_an_unnamed_or_unknown_config_is_refused(tmp_path, readme, config, message):
+    write_hub_snapshot(tmp_path, readme)
+    with pytest.raises(UserError) as info:
+        load_source(DataParams(source=str(tmp_path), config=config))
+    assert str(info.value) == message.format(d=tmp_path)
 
 
 def test_unreachable_hub_says_how_to_run_offline(monkeypatch):
