@@ -4,8 +4,9 @@
 GSM8K (or a local copy, or offline gsm_symbolic problems) → three JSONL splits of
 {"question", "answer" (the full reference solution), "final" (the gold number)}.
 Dev is carved from train only, with a seeded shuffle, after removing train rows whose question
-also appears in test; same params → identical bytes. Questions are kept as the source writes them
-(lm-eval puts them into its prompts unstripped; the training prompt strips them).
+also appears in test; then train rows whose question is also in dev are removed (the source's
+train split may hold a question twice); same params → identical bytes. Questions are kept as the
+source writes them (lm-eval puts them into its prompts unstripped; the training prompt strips them).
 
 The fourth file is the few-shot pool of lm-eval's protocols: the source's whole train split, rows
 exactly as they come and in their order, because lm-eval draws its examples with
@@ -163,6 +164,14 @@ def make_splits(raw: dict[str, list[dict]], data: DataParams) -> tuple[dict[str,
         random.Random(data.seed).shuffle(order)
         dev = [train[i] for i in sorted(order[:data.dev_size])]
         train = [train[i] for i in sorted(order[data.dev_size:])]
+    # A question twice in the source's train split (or a shipped dev row taken from train) would be
+    # trained on and scored in dev_loss. Dropped after the draw, so the dev rows stay those drawn.
+    dev_keys = {_key(r["question"]) for r in dev}
+    kept = [r for r in train if _key(r["question"]) not in dev_keys]
+    report["train_rows_duplicating_dev"] = len(train) - len(kept)
+    train = kept
+    if not train:
+        raise UserError("split 'train' is empty: every train question is also in dev or test")
     if data.limit is not None:
         for name, rows in (("train", train), ("test", test)):
             if data.limit > len(rows):
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.fewshot, pool)
     sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
     print(f"prepare: {data.source}: {sizes} rows, few-shot pool {len(pool)} "
-          f"({report['train_rows_duplicating_test']} train rows dropped as duplicates of test questions)")
+          f"(train rows dropped as duplicates of test questions: {report['train_rows_duplicating_test']}, "
+          f"of dev questions: {report['train_rows_duplicating_dev']})")
 
 
 if __name__ == "__main__":

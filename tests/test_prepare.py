@@ -59,12 +59,41 @@ def gsm8k_row(n, socratic=False):
     return {"question": question, "answer": "\n".join(steps) + f"\n#### {total}"}
 
 
+def test_the_seeded_dev_draw_stays_the_same():
+    """Existing users' dev rows (and so their dev_loss) must not move when prepare changes."""
+    splits, _ = make_splits(raw(), DataParams(dev_size=5, seed=3))
+    assert [r["final"] for r in splits["dev"]] == ["108", "109", "113", "120", "125"]
+
+
+def test_train_rows_whose_question_is_in_the_drawn_dev_split_are_dropped():
+    """A question twice in the source's train split: the copy left in train after its twin went to
+    dev would be trained on, and dev_loss measured on it."""
+    unique = [gsm8k_row(n) for n in range(2, 42, 2)]
+    source = {"train": unique + [dict(r) for r in unique], "test": [gsm8k_row(n) for n in range(100, 110, 2)]}
+    splits, report = make_splits(source, DataParams(dev_size=4, seed=1))
+    dev_q = {r["question"] for r in splits["dev"]}
+    assert len(splits["dev"]) == 4 and not dev_q & {r["question"] for r in splits["train"]}
+    assert report["train_rows_duplicating_dev"] == 40 - 4 - len(splits["train"]) > 0
+    # Every other train row stays, duplicates among themselves included (neither is in dev).
+    assert len(splits["train"]) == 2 * (20 - len(dev_q))
+
+
+def test_train_rows_whose_question_is_in_a_shipped_dev_split_are_dropped():
+    train = [gsm8k_row(n) for n in range(2, 42, 2)]
+    source = {"train": train, "dev": [dict(r) for r in train[3:6]], "test": [gsm8k_row(100)]}
+    splits, report = make_splits(source, DataParams(dev_size=4))
+    assert report["train_rows_duplicating_dev"] == 3
+    assert [r["question"] for r in splits["train"]] == [r["question"] for r in train[:3] + train[6:]]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["train"].__setitem__(3, {"question": "q", "answer": "no final line"}),
      "train row 4: answer has no final '#### N' line"),
     (lambda s: s["test"].__setitem__(0, {"question": "", "answer": "#### 1"}), "test row 1: missing or empty 'question'"),
     (lambda s: s.__setitem__("test", []), "split 'test' is empty"),
     (lambda s: s.__setitem__("dev", [row(500)]), "dev split: 1 question(s) also appear in test"),
+    (lambda s: s.__setitem__("dev", [dict(r) for r in s["train"]]),
+     "split 'train' is empty: every train question is also in dev or test"),
 ])
 def test_bad_rows_and_splits_are_refused(change, message):
     source = raw()
