@@ -157,6 +157,52 @@ def looks_ended(decode, stop: list[str], end_ids: set):
     return ended
 
 
+# Settings of a model's generation config that change greedy decoding under transformers' generate,
+# and so under lm-eval, which decodes with it (Qwen2.5's instruct models ship repetition_penalty 1.05),
+# each with the value that changes nothing. The static engine takes the plain argmax. Sampling settings
+# (temperature, top_p, ...) are not here: greedy decoding ignores them in both.
+GREEDY_CHANGING = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "min_new_tokens": 0, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
+    "watermarking_config": None, "num_beams": 1, "penalty_alpha": 0.0, "dola_layers": None,
+}
+
+
+def greedy_changes(generation_config) -> dict:
+    """The settings of GREEDY_CHANGING that `generation_config` sets to something that changes decoding."""
+    found = {}
+    for key, neutral in GREEDY_CHANGING.items():
+        value = getattr(generation_config, key, None)
+        if not (value is None or value == neutral or (isinstance(value, (list, dict)) and not value)):
+            found[key] = value
+    return found
+
+
+def load_generation_config(model_p: ModelParams, config):
+    """The generation config `from_pretrained` gives the model: its generation_config.json, else the
+    one transformers derives from config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_p.name, revision=model_p.revision)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def engine_for(eval_p: EvaluateParams, model_p: ModelParams, generation_config) -> EvaluateParams:
+    """evaluate.engine, unless the model's generation config sets what the static engine does not
+    apply: then transformers' generate, with one line saying why (the number stays lm-eval's)."""
+    changes = greedy_changes(generation_config)
+    if eval_p.engine != "static" or not changes:
+        return eval_p
+    listed = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+    print(f"evaluate: {model_p.name}'s generation config sets {listed}, which greedy decoding applies in "
+          "transformers' generate and lm-eval and the static engine does not: decoding with "
+          "evaluate.engine: generate instead (slower)")
+    return dataclasses.replace(eval_p, engine="generate")
+
+
 def raised_in_model_code(exc: BaseException) -> bool:
     """Whether the traceback passes through the model's code (transformers' forward, attention and
     mask builders, a hub model's own module, peft's layers), where an architecture the static engine
@@ -339,8 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"evaluate: warning: {truncated} of {len(rows)} prompts were cut to their last {limit} tokens "
               f"(the model's length minus the {plan.max_new_tokens}-token budget), as lm-eval cuts them")
     longest_prompt = max(len(ids) for ids in plan.input_ids)
-    # What the memory estimate and generation use: the protocol's budget and stops.
-    eval_run = dataclasses.replace(eval_p, max_new_tokens=plan.max_new_tokens, stop=plan.stop)
+    # What the memory estimate and generation use: the protocol's budget and stops, and the engine that
+    # decodes what transformers' generate would for this model.
+    eval_run = engine_for(dataclasses.replace(eval_p, max_new_tokens=plan.max_new_tokens, stop=plan.stop),
+                          model_p, load_generation_config(model_p, config))
     # merged_bf16 means "the base is in the compute dtype": the adapter stays unmerged beside it, and its
     # weights (~1% of the dequantized base's: 0.17 GB for the 8B model at r=32) are within the margin.
     estimate = memory.preflight_eval(config.to_dict(), model_p, eval_run, longest_prompt,
@@ -390,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         # The settings the number depends on: compare two exact_match values only when these agree.
         "protocol": P.settings(protocol),
         "split": eval_p.split, "model": model_p.name, "revision": model_p.revision, "adapter": bool(args.adapter),
-        "load_in_4bit": model_p.load_in_4bit, "dequantize": eval_p.dequantize, "engine": eval_p.engine,
+        "load_in_4bit": model_p.load_in_4bit, "dequantize": eval_p.dequantize, "engine": eval_run.engine,
+        "engine_param": eval_p.engine,
         "batch_size": eval_run.batch_size, "batch_size_param": eval_p.batch_size, "num_processes": state.num_processes,
         "fewshot_pool": {"file": args.fewshot_file, "rows": len(pool)} if pool else None,
     }

@@ -353,6 +353,63 @@ def test_a_stop_string_that_is_a_special_token_ends_the_answer(engine):
     assert n_tokens == 2 * (len(tokenizer(" I think so.", add_special_tokens=False)["input_ids"]) + 1)
 
 
+def test_greedy_changes_are_the_settings_that_change_an_argmax():
+    from transformers import GenerationConfig
+
+    from stages.evaluate import greedy_changes
+
+    assert greedy_changes(GenerationConfig(repetition_penalty=1.05, no_repeat_ngram_size=0, num_beams=1)) == \
+        {"repetition_penalty": 1.05}
+    # What DeepSeek-R1-Distill and Llama-3.1-Instruct ship: sampling settings, which greedy decoding ignores.
+    assert greedy_changes(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, bos_token_id=1,
+                                           eos_token_id=[2, 3])) == {}
+    assert greedy_changes(GenerationConfig(suppress_tokens=[], no_repeat_ngram_size=3)) == {"no_repeat_ngram_size": 3}
+
+
+def test_a_generation_config_the_static_engine_cannot_apply_is_decoded_with_generate(tiny_model_dir, tmp_path,
+                                                                                    model_and_tokenizer):
+    """transformers' generate, and so lm-eval, applies a model's repetition_penalty under greedy decoding; the
+    static engine takes the plain argmax, so the stage decodes such a model with generate and says so."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    question = QUESTIONS[1]
+    data, params, out = tmp_path / "test.jsonl", tmp_path / "params.yaml", tmp_path / "out"
+    data.write_text(json.dumps({"question": question, "answer": "48+24=72\n#### 72"}) + "\n")
+    params.write_text(f"model:\n  name: {model_dir}\n  load_in_4bit: false\n  bnb_4bit_compute_dtype: float32\n"
+                      f"prompt:\n  template: {json.dumps(PROMPT.template)}\n"
+                      "evaluate:\n  max_new_tokens: 24\n  batch_size: 1\n  dequantize: false\n")
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(params), "--data-file", str(data),
+                           "--metrics", str(out / "eval.json"), "--run-info", str(out / "run.json"),
+                           "--predictions", str(out / "predictions.jsonl")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"evaluate: {model_dir}'s generation config sets repetition_penalty=1.3, which greedy decoding applies "
+            "in transformers' generate and lm-eval and the static engine does not: decoding with evaluate.engine: "
+            "generate instead (slower)") in proc.stdout
+    run = json.loads((out / "run.json").read_text())
+    assert (run["engine"], run["engine_param"]) == ("generate", "static")
+    (record,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    # What the two engines decode for this model in this process: the penalty changes the answer here.
+    model, tokenizer = model_and_tokenizer
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        eval_p = EvaluateParams(max_new_tokens=24, batch_size=1)
+        with_penalty = generate_questions(model, tokenizer, PROMPT, dataclasses.replace(eval_p, engine="generate"),
+                                          [question], show_progress=False)[0]
+        argmax = generate_questions(model, tokenizer, PROMPT, eval_p, [question], show_progress=False)[0]
+    finally:
+        model.generation_config.repetition_penalty = None
+    assert with_penalty != argmax
+    assert record["generated"] == with_penalty[0]
+
+
 def test_sampling_needs_the_generate_engine():
     from stages.config import ParamError
 
