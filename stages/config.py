@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stages.io import UserError
-from stages.protocols import PROTOCOL_NAMES
+from stages.protocols import DRAWS_FROM_TRAIN, PROTOCOL_NAMES
 
 DEFAULT_TEMPLATE = (
     "You are a patient math tutor. Solve the problem step by step, then write the final answer "
@@ -278,6 +278,10 @@ class EvaluateParams:
         _check(self.protocol in PROTOCOL_NAMES, "protocol",
                f"unknown protocol {self.protocol!r} (" + (f"did you mean '{close[0]}'?" if close else
                                                         f"known: {', '.join(PROTOCOL_NAMES)}") + ")")
+        _check(not (self.split in ("dev", "train") and self.protocol in DRAWS_FROM_TRAIN), "split",
+               f"{self.split} with protocol {self.protocol}: its few-shot examples are drawn from the train split, "
+               f"which holds the {self.split} questions, so a question would be drawn as its own example; evaluate "
+               f"test with it, or {self.split} with {', '.join(n for n in PROTOCOL_NAMES if n not in DRAWS_FROM_TRAIN)}")
         _check(self.max_new_tokens is None or self.max_new_tokens > 0, "max_new_tokens",
                f"must be > 0 or null, got {self.max_new_tokens}")
         _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0), "batch_size",

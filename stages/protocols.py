@@ -187,6 +187,9 @@ LM_EVAL_GSM8K_COT_LLAMA = Protocol(
 
 LM_EVAL_PROTOCOLS = {p.name: p for p in (LM_EVAL_GSM8K, LM_EVAL_GSM8K_COT_LLAMA)}
 PROTOCOL_NAMES = (TRAIN_PROMPT, *LM_EVAL_PROTOCOLS)
+# The protocols that draw their examples from the source's train split (prepare's few-shot pool), of
+# which dev is a part: evaluated on dev or train, a question would be drawn as its own example.
+DRAWS_FROM_TRAIN = tuple(p.name for p in LM_EVAL_PROTOCOLS.values() if p.num_fewshot and p.fewshot_sampler == "default")
 # train_prompt's stops and budget when evaluate.stop / evaluate.max_new_tokens are null: lm-eval
 # gsm8k's stop set, and room for a step-by-step solution.
 TRAIN_PROMPT_STOP = ("Question:", "</s>", "<|im_end|>")

@@ -67,6 +67,9 @@ def test_defaults_load_and_match_the_committed_params_file(tmp_path):
     ({"evaluate": {"protocol": "lm_eval_gsm8k", "max_new_tokens": 512}}, "evaluate.max_new_tokens: lm_eval_gsm8k's budget is lm-eval's 256"),
     ({"evaluate": {"protocol": "lm_eval_gsm8k_cot_llama", "greedy": False, "engine": "generate"}},
      "evaluate.greedy: lm_eval_gsm8k_cot_llama decodes greedily"),
+    # Its examples come from the train split, which holds dev: a dev question was drawn as an example at once.
+    ({"evaluate": {"split": "dev", "protocol": "lm_eval_gsm8k"}},
+     "evaluate.split: dev with protocol lm_eval_gsm8k: its few-shot examples are drawn from the train split"),
     ({"evaluate": {"think_end": ""}}, "evaluate.think_end: must be a non-empty marker"),
     ({"evaluate": {"unclosed_thinking": "drop"}}, "evaluate.unclosed_thinking: must be no_answer or keep"),
 ])
