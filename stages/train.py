@@ -804,6 +804,7 @@ def build_trainer(model_p: ModelParams, train_p: TrainParams, tokenizer, train_d
         # Else the first step's silence (one compilation: 18-22 s for the 8B shape, bench runs 18-19) reads as a hang.
         print(f"train: train.torch_compile: compiling the {n} decoder layers as one; the first step takes "
               "longer (train.torch_compile: false turns it off)")
+    dev_loss_per_answer_token(trainer)
     if train_p.cuda_graphs:
         evaluate_eagerly(trainer)
     if train_p.padding_free:
@@ -829,6 +830,68 @@ def train_without_cudnn_attention(trainer) -> None:
             return train(*args, **kwargs)
 
     trainer.train = train_without_cudnn
+
+
+def dev_loss_per_answer_token(trainer) -> None:
+    """eval_loss (the dev_loss metric, the dev-loss curve, the non-finite check) becomes the loss per answer
+    token over all dev rows: the sum of their answer tokens' losses over the number of those tokens, the
+    normalisation of the training loss, so that it no longer depends on how the rows are batched.
+
+    The Trainer averages one loss per batch, each batch's own token mean: the mean of per-row means at the
+    card's batch 1, of 8-row means padding-free (one packed row per batch), of 4-row means on 2 GPUs, where
+    a partial last batch weighs as much as a full one (7.0277 / 7.0340 / 7.0278 for one model and 12 rows).
+    In eval, TRL's loss is a batch's summed token losses over its count of scored labels (compute_loss gets
+    no num_items_in_batch there), so loss × count gives the sum back; the sums and counts add up over
+    batches and processes. Unlike the Trainer's mean, which drops non-finite batch losses
+    (logging_nan_inf_filter), a NaN in any batch makes the dev loss NaN, for stop_on_non_finite to see."""
+    import torch
+
+    predict, loop = trainer.prediction_step, trainer.evaluation_loop
+    totals = {}
+
+    def counted_prediction_step(model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = predict(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if loss is not None and "labels" in inputs:
+            # The positions TRL's fused LM head scores: the next-token labels (pre-shifted ones as they are).
+            # A padding-free batch has -100 at each packed row's first token: nothing scores across rows.
+            scored = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]
+            count = (scored != -100).sum().to(totals["sum_count"].device, torch.float64)
+            totals["sum_count"] += torch.stack([loss.detach().to(count) * count, count])
+        return loss, logits, labels
+
+    def token_weighted_evaluation_loop(dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                                       metric_key_prefix="eval"):
+        totals["sum_count"] = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
+        output = loop(dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+                      metric_key_prefix=metric_key_prefix)
+        loss_sum, count = trainer.accelerator.reduce(totals.pop("sum_count"), reduction="sum").tolist()
+        key = f"{metric_key_prefix}_loss"
+        if key in output.metrics and count > 0:
+            output.metrics[key] = loss_sum / count
+        return output
+
+    trainer.prediction_step = counted_prediction_step
+    trainer.evaluation_loop = token_weighted_evaluation_loop
+    if trainer.args.world_size > 1 and trainer.eval_dataset is not None:
+        pad_dev_rows_for_ranks(trainer)
+
+
+def pad_dev_rows_for_ranks(trainer) -> None:
+    """Under N processes, accelerate fills the last dev batches with rows from the start of the dev set
+    (even_batches: every rank must run as many batches), and those rows would count twice in the dev loss.
+    Rows without a scored token are appended instead, up to a multiple of micro-batch × N, so that no
+    batch needs filling: they add 0 to the loss sum and to the token count. Two tokens each (the first
+    row's first two), all labels -100; appended to the prepared set, since TRL's preparation drops rows
+    with no label left (on the padded path)."""
+    from datasets import Dataset, concatenate_datasets
+
+    ds = trainer.eval_dataset
+    missing = -len(ds) % (trainer.args.eval_batch_size * trainer.args.world_size)
+    if missing:
+        tokens = ds[0]["input_ids"][:2]
+        pads = Dataset.from_dict({"input_ids": [tokens] * missing, "labels": [[-100] * len(tokens)] * missing},
+                                 features=ds.features)
+        trainer.eval_dataset = concatenate_datasets([ds, pads])
 
 
 def evaluate_eagerly(trainer) -> None:
