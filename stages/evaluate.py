@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     # evaluated question among the examples) before the model is loaded.
     plan = P.plan(protocol, tokenizer, config, rows, pool, where=args.fewshot_file or "the few-shot pool")
     limit = plan.context_limit
-    truncated = sum(len(ids) == limit for ids in plan.input_ids)
+    truncated = plan.truncated
     if truncated:
         print(f"evaluate: warning: {truncated} of {len(rows)} prompts were cut to their last {limit} tokens "
               f"(the model's length minus the {plan.max_new_tokens}-token budget), as lm-eval cuts them")

@@ -311,15 +311,15 @@ def context_limit(config, tokenizer, protocol: Protocol) -> int:
     return length - protocol.max_new_tokens
 
 
-def encode_context(tokenizer, text: str, protocol: Protocol, limit: int) -> list[int]:
-    """Prompt token ids: BOS as the protocol says, then only the last `limit` (`context_limit`)."""
+def encode_context(tokenizer, text: str, protocol: Protocol, limit: int | None) -> list[int]:
+    """Prompt token ids: BOS as the protocol says, then only the last `limit` (`context_limit`; None: all)."""
     if protocol.bos == "unless_chat":  # what training saw (stages.modeling.encode_prompt)
         add_special = not protocol.chat
     else:  # lm-eval's tok_batch_encode: a text that already starts with BOS gets none added
         bos = getattr(tokenizer, "bos_token", None)
         add_special = not (bos is not None and text.startswith(bos))
     ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-    return ids[-limit:]
+    return ids if limit is None else ids[-limit:]
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,8 @@ class Plan:
     input_ids: list[list[int]]
     stop: list[str]
     max_new_tokens: int
-    context_limit: int  # most prompt tokens kept (context_limit()): a prompt this long was cut
+    context_limit: int  # most prompt tokens kept (context_limit())
+    truncated: int  # prompts longer than that, cut on the left to it
 
 
 def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],
@@ -341,8 +342,9 @@ def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot
     check_no_overlap(protocol, rows, examples)
     prompts = [render_prompt(protocol, tokenizer, row["question"], ex) for row, ex in zip(rows, examples)]
     limit = context_limit(config, tokenizer, protocol)
-    return Plan(protocol, prompts, [encode_context(tokenizer, p, protocol, limit) for p in prompts],
-                stop_strings(protocol, tokenizer), protocol.max_new_tokens, limit)
+    encoded = [encode_context(tokenizer, p, protocol, None) for p in prompts]
+    return Plan(protocol, prompts, [ids[-limit:] for ids in encoded], stop_strings(protocol, tokenizer),
+                protocol.max_new_tokens, limit, sum(len(ids) > limit for ids in encoded))
 
 
 def check(protocol: Protocol, tokenizer, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],

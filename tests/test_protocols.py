@@ -182,6 +182,18 @@ def test_plan_builds_every_prompt(tokenizer):
     assert plan.prompts[0].count("Question: ") == 6 and plan.max_new_tokens == 256
     assert plan.input_ids[0] == P.encode_context(tokenizer, plan.prompts[0], GSM8K, 1792)
     assert plan.stop == ["Question:", "</s>", "<|im_end|>"]
+    assert plan.truncated == 0
+
+
+def test_plan_counts_the_prompts_it_cut(tokenizer):
+    """A prompt of exactly the limit keeps every token: it is not counted as cut; one token more is."""
+    lengths = [len(P.encode_context(tokenizer, P.render_prompt(GSM8K, tokenizer, row["question"], []), GSM8K, None))
+               for row in TEST[:2]]
+    zero_shot = dataclasses.replace(GSM8K, num_fewshot=0)
+    for limit, cut in ((max(lengths), 0), (max(lengths) - 1, 1)):
+        plan = P.plan(zero_shot, tokenizer, {"max_position_embeddings": limit + 256}, TEST[:2], [])
+        assert plan.context_limit == limit and plan.truncated == cut
+        assert max(len(ids) for ids in plan.input_ids) == limit
 
 
 def test_settings_say_what_the_number_depends_on():
