@@ -605,9 +605,11 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
 
     tokenizer = load_tokenizer(model_p.name, model_p.revision)
     train_tok, n_cut = tokenize_rows(tokenizer, prompt_p, train_rows, train_p.max_length, args.train_file)
-    dev_tok, _ = tokenize_rows(tokenizer, prompt_p, dev_rows, train_p.max_length, args.dev_file)
-    if n_cut:
-        print(f"train: {n_cut} of {len(train_tok)} rows are longer than train.max_length={train_p.max_length} and were cut")
+    dev_tok, n_cut_dev = tokenize_rows(tokenizer, prompt_p, dev_rows, train_p.max_length, args.dev_file)
+    for split, cut, tokenized in (("train", n_cut, train_tok), ("dev", n_cut_dev, dev_tok)):
+        if cut:
+            print(f"train: {cut} of {len(tokenized)} {split} rows are longer than train.max_length={train_p.max_length} "
+                  "and were cut (their answers lose their end, #### N included)")
 
     fp = fingerprint(model_p, prompt_p, train_p, [args.train_file, args.dev_file], model_identity)
     # Rank 0 first: it deletes checkpoints of another configuration before any rank looks.
@@ -659,8 +661,10 @@ def run_training(args, model_p: ModelParams, prompt_p: PromptParams, train_p: Tr
         "peak_memory_gib": round(peak / 2**30, 3) if peak is not None else None,
         "resumed_from_step": resumed_step,
         "world_size": world_size,
-        # What train.torch_compile / use_liger_kernel "auto" chose on this machine.
-        **{key: getattr(kernels, key) for key in ("torch_compile", "use_liger_kernel")},
+        # What train.torch_compile / use_liger_kernel "auto" chose on this machine (Liger runs on CUDA only).
+        "torch_compile": kernels.torch_compile,
+        "use_liger_kernel": kernels.use_liger_kernel and torch.cuda.is_available(),
+        "rows_cut_at_max_length": {"train": n_cut, "dev": n_cut_dev},
     }
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # the checks during training should have stopped it; never report such a run

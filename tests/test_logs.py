@@ -23,7 +23,9 @@ def rows(n):
 def test_the_train_stage_prints_one_bar_and_one_summary_line(tiny_model_dir, tmp_path):
     import torch
 
-    (tmp_path / "train.jsonl").write_text(rows(16))
+    # One train row longer than max_length: cut, and said so, in the log and in the run file.
+    long_row = {"question": "Ann has 3 cards. How many?", "answer": "3 + 0 = 3. " * 40 + "\n#### 3"}
+    (tmp_path / "train.jsonl").write_text(rows(16) + json.dumps(long_row) + "\n")
     (tmp_path / "dev.jsonl").write_text(rows(2))
     # A dev pass and a checkpoint mid-run: the two places where the Trainer printed the most.
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
@@ -50,6 +52,10 @@ def test_the_train_stage_prints_one_bar_and_one_summary_line(tiny_model_dir, tmp
 
     run = json.loads((out / "train_run.json").read_text())
     assert {"train_loss", "train_loss_mean", "dev_loss", "steps", "train_tokens_per_second"} <= run.keys()
+    assert run["rows_cut_at_max_length"] == {"train": 1, "dev": 0}
+    assert "train: 1 of 17 train rows are longer than train.max_length=128 and were cut" in proc.stdout
+    if not torch.cuda.is_available():
+        assert run["use_liger_kernel"] is False  # what ran: Liger's kernels need CUDA
     assert json.loads((out / "train.json").read_text()) == {"dev_loss": run["dev_loss"]}
     said = proc.stdout.splitlines()
     summaries = [line for line in said if re.match(r"train: \d+ steps? ", line)]
