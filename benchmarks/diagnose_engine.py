@@ -129,13 +129,15 @@ def main() -> None:
     parser = bench_model.script_parser(bench_model.default_workdir(bench_model.bench_shape()))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--tag", required=True, help="names the results file: diagnose_engine_<tag>_<gpu>.json (e.g. run21)")
+    parser.add_argument("--tag", default=None, help="names the results file: diagnose_engine_<tag>_<gpu>.json (e.g. run21)")
     parser.add_argument("--before", default=None, help="an earlier stages/decode.py to run as the before_* cases")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--journal", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.tag is None:
+        parser.error("--tag is required (it names the results file, e.g. --tag run21)")
     shape = bench_model.bench_shape(args.tiny)
     workdir = Path(args.workdir if not args.tiny else "/tmp/diagnose-engine-tiny")
     build = bench_model.build_model_dir(workdir, shape, seed=42)
