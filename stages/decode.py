@@ -466,10 +466,17 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                 try:
                     with torch.cuda.graph(graph):
                         step()
-                    replay = graph.replay
-                except RuntimeError as exc:  # a model whose forward talks to the host cannot be recorded
-                    print(f"decode: CUDA graph capture failed ({str(exc).splitlines()[0][:200]}); "
-                          "decoding without graphs")
+                except RuntimeError as exc:
+                    from stages.io import UserError
+
+                    # A model whose step talks to the host (a dynamic RoPE, a data-dependent branch) cannot
+                    # be recorded. No eager fallback here: when capture fails, torch.cuda.graph's exit raises
+                    # before it restores the stream, and what decoding on from that state computes was never
+                    # checked; transformers' generate decodes such a model.
+                    why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    raise UserError(f"params.yaml: evaluate.engine: static cannot record this model's decoding "
+                                    f"step as a CUDA graph ({why}); set evaluate.engine: generate") from exc
+                replay = graph.replay
         for _ in range(k):
             replay()
 

@@ -410,6 +410,39 @@ def test_a_generation_config_the_static_engine_cannot_apply_is_decoded_with_gene
     assert record["generated"] == with_penalty[0]
 
 
+def test_a_step_that_cannot_be_recorded_as_a_cuda_graph_stops_with_one_line(model_and_tokenizer, monkeypatch):
+    """On a GPU a model whose step talks to the host fails to record. The engine once printed a line and
+    decoded on eagerly, from the state a failed capture leaves (torch.cuda.graph's exit raises before it
+    restores the stream), which no run ever checked. CUDA's graph API is stood in for on CPU."""
+    import contextlib
+
+    import torch
+
+    from stages.decode import greedy_decode
+    from stages.io import UserError
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def failing_capture(graph):
+        yield
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer("Question: 1+1?\nAnswer:")["input_ids"]] * 2
+    with pytest.raises(UserError, match=r"^params\.yaml: evaluate\.engine: static cannot record this model's "
+                                        r"decoding step as a CUDA graph \(operation not permitted when stream is "
+                                        r"capturing\); set evaluate\.engine: generate$"), torch.inference_mode():
+        greedy_decode(model, prompts, 2, 8, tokenizer.pad_token_id, lambda i, ids: False, use_graph=True)
+
+
 def test_sampling_needs_the_generate_engine():
     from stages.config import ParamError
 
