@@ -185,6 +185,9 @@ class TrainParams:
         # CUDA graph cannot replay (inductor refuses run_with_rng_state).
         _check(not (self.cuda_graphs and self.gradient_checkpointing), "cuda_graphs",
                "true needs train.gradient_checkpointing: false")
+        # Never run under DDP: its gradient hooks and the graphs' reused output memory were not measured together.
+        _check(not (self.cuda_graphs and self.num_processes > 1), "cuda_graphs",
+               f"true runs on one GPU only; train.num_processes is {self.num_processes}")
         _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         targets = self.lora_target_modules

@@ -560,12 +560,14 @@ def _gib(n: float) -> str:
 
 
 def cuda_free_bytes() -> int | None:
-    """Free memory of the current CUDA device, or None without one."""
+    """Free memory of this process's CUDA device, or None without one. Under `accelerate launch` that is
+    GPU LOCAL_RANK: the preflight runs before the ranks are placed on their devices, when every rank's
+    current device is still GPU 0 (each would size itself, and `batch_size: auto`, from rank 0's GPU)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.mem_get_info()[0]
+    return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0]
 
 
 def not_fitting_message(stage: str, needed: int, free: int, advice: list[str], weights: int) -> str:

@@ -43,6 +43,8 @@ def test_defaults_load_and_match_the_committed_params_file(tmp_path):
      "train.cuda_graphs: true needs train.torch_compile: true"),
     ({"train": {"cuda_graphs": True, "torch_compile": True, "use_liger_kernel": False}},
      "train.cuda_graphs: true needs train.gradient_checkpointing: false"),
+    ({"train": {"cuda_graphs": True, "torch_compile": True, "gradient_checkpointing": False, "num_processes": 2}},
+     "train.cuda_graphs: true runs on one GPU only; train.num_processes is 2"),
     ({"train": {"torch_compile": "yes"}}, "train.torch_compile: must be true, false or auto, got 'yes'"),
     ({"train": {"use_liger_kernel": 1}}, "train.use_liger_kernel: expected bool | str, got 1"),
     ({"train": {"torch_compile": True, "use_liger_kernel": True}},

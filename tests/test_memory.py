@@ -341,6 +341,21 @@ def test_skip_env_and_no_cuda(monkeypatch, capsys):
     assert "no CUDA device, not checked" in capsys.readouterr().out
 
 
+def test_each_rank_measures_its_own_gpu(monkeypatch):
+    """Under `accelerate launch` the preflight runs before a rank is placed on its GPU: it asks for
+    GPU LOCAL_RANK's free memory, not the current device's (GPU 0 for every rank until then)."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (7 * GIB, 80 * GIB))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert memory.cuda_free_bytes() == 7 * GIB
+    monkeypatch.delenv("LOCAL_RANK")
+    memory.cuda_free_bytes()
+    assert asked == [3, 0]
+
+
 @pytest.mark.parametrize("config, field", [
     ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512}, "num_attention_heads"),
     ({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257}, "hidden_size"),
