@@ -421,14 +421,17 @@ def main(argv: list[str] | None = None) -> None:
     if not state.is_main_process:
         return
 
+    from stages.fingerprint import file_sha256
+
     by_index = dict(gathered)
     records = [{"protocol": protocol.name, "prompt_sha256": prompt_digest(plan.prompts[i]),
                 **P.prediction_record(protocol, rows[i], by_index[i], plan.stop)} for i in indices]
     scores = P.score(records)
-    # The DVC metric: one number, so that `dvc metrics show` and `dvc exp show --only-changed` fit a
-    # terminal beside the loss and the changed params. The rest (flexible match, no-answer rate, counts,
-    # the protocol's every setting) is in --run-info.
-    metrics = {f"{args.metric_prefix}exact_match": scores["exact_match"]}
+    # The DVC metrics: the score and the number of questions it is over (`dvc metrics diff` of a run at
+    # evaluate.limit 50 against a full one shows both), so that `dvc metrics show` and `dvc exp show
+    # --only-changed` fit a terminal beside the loss and the changed params. The rest (flexible match,
+    # no-answer rate, counts, the protocol's every setting) is in --run-info.
+    metrics = {f"{args.metric_prefix}exact_match": scores["exact_match"], f"{args.metric_prefix}n": scores["n"]}
     run_info = {
         **scores,
         "generated_tokens": sum(tokens),
@@ -437,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         "truncated_prompts": truncated,
         # The settings the number depends on: compare two exact_match values only when these agree.
         "protocol": P.settings(protocol),
-        "split": eval_p.split, "model": model_p.name, "revision": model_p.revision, "adapter": bool(args.adapter),
+        # The file scored (the split's, under dvc.yaml; by hand, whatever --data-file named).
+        "split": eval_p.split, "data_file": args.data_file, "data_sha256": file_sha256(Path(args.data_file), {}),
+        "model": model_p.name, "revision": model_p.revision, "adapter": bool(args.adapter),
         "load_in_4bit": model_p.load_in_4bit, "dequantize": eval_p.dequantize, "engine": eval_run.engine,
         "engine_param": eval_p.engine,
         "batch_size": eval_run.batch_size, "batch_size_param": eval_p.batch_size, "num_processes": state.num_processes,

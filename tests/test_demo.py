@@ -63,12 +63,12 @@ def test_make_demo_runs_every_stage_in_demo_and_leaves_the_checkout_as_it_was(cl
     assert {"dvc.lock", "params.yaml"} <= set(changed) and \
         all(name in ("dvc.lock", "params.yaml") or name.endswith("/.gitignore") for name in changed), changed
     assert "demo" in run(["dvc", "exp", "list", "--name-only"], demo, env).split()
-    # `dvc metrics show`, as make demo printed it: the three numbers, in a terminal's width.
+    # `dvc metrics show`, as make demo printed it: the three numbers and the question counts, in a terminal's width.
     table = out[out.index("Path "):out.index("make demo: done")]
-    assert widest(table) <= WIDTH and {"exact_match", "base_exact_match", "dev_loss"} <= set(table.split())
+    assert widest(table) <= WIDTH and {"exact_match", "n", "base_exact_match", "base_n", "dev_loss"} <= set(table.split())
     assert json.loads((demo / "metrics/train.json").read_text()).keys() == {"dev_loss"}
-    assert json.loads((demo / "metrics/eval.json").read_text()).keys() == {"exact_match"}
-    assert json.loads((demo / "metrics/eval_base.json").read_text()).keys() == {"base_exact_match"}
+    assert json.loads((demo / "metrics/eval.json").read_text()).keys() == {"exact_match", "n"}
+    assert json.loads((demo / "metrics/eval_base.json").read_text()).keys() == {"base_exact_match", "base_n"}
     run_info = json.loads((demo / "metrics/eval_run.json").read_text())
     assert run_info["adapter"] is True and run_info["protocol"]["name"] == "train_prompt" and run_info["n"] == 12
     assert (demo / "checkpoints/sft_lora/adapter_config.json").is_file()

@@ -98,7 +98,7 @@ def test_outputs_in_directories_yet_to_be_created_are_fine(stage, tmp_path):
     """The check creates nothing itself; the stage writes into new directories as before."""
     proc, metrics, predictions = stage(**{"--metrics": str(tmp_path / "new" / "deeper" / "eval.json")})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(metrics.read_text()).keys() == {"exact_match"} and predictions.is_file()
+    assert json.loads(metrics.read_text()) == {"exact_match": 0.0, "n": 1} and predictions.is_file()
     assert not [p for p in metrics.parent.iterdir() if p.name.startswith(".")]
     assert os.listdir(tmp_path / "new") == ["deeper"]
 
@@ -163,3 +163,9 @@ def test_a_few_shot_protocol_names_its_pool_in_every_output(tiny_model_dir, tmp_
     assert record["protocol"] == "lm_eval_gsm8k" and record["gold"] == "2" and len(record["prompt_sha256"]) == 16
     run_info = json.loads((metrics.parent / "run.json").read_text())
     assert run_info["protocol"]["name"] == "lm_eval_gsm8k" and run_info["protocol"]["num_fewshot"] == 5 and run_info["fewshot_pool"]["rows"] == 6
+    # The file scored, whatever evaluate.split says (run by hand, --data-file may name another split's).
+    import hashlib
+
+    data = tmp_path / "test.jsonl"
+    assert run_info["data_file"] == str(data)
+    assert run_info["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()

@@ -323,7 +323,7 @@ def test_lm_eval_run_agrees_question_by_question(ours, lm_eval_runs, name):
           f"{aggregate['exact_match,strict-match']} / {aggregate['exact_match,flexible-extract']}; "
           f"batch {N} vs batch 1: {same_batched} of {N} generations identical")
     assert agree == dict.fromkeys(agree, N)
-    assert metrics == {"exact_match": run_info["exact_match"]}
+    assert metrics == {"exact_match": run_info["exact_match"], "n": N}
     assert (run_info["exact_match"], run_info["exact_match_flexible"]) == \
         (aggregate["exact_match,strict-match"], aggregate["exact_match,flexible-extract"])
     assert run_info["protocol"]["name"] == name and run_info["truncated_prompts"] \

@@ -194,7 +194,7 @@ def test_queued_sweep_runs_in_parallel_workers(small_project, tmp_path):
         data = experiments[f"sweep-r{r}"]
         assert data["params"]["params.yaml"]["data"]["train"]["lora_r"] == r
         evaluation = data["metrics"]["metrics/eval.json"]["data"]
-        assert evaluation.keys() == {"exact_match"} and 0 <= evaluation["exact_match"] <= 1
+        assert evaluation.keys() == {"exact_match", "n"} and 0 <= evaluation["exact_match"] <= 1
 
 
 def only_the_fingerprint_ran(out: str) -> bool:
