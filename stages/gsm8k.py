@@ -25,6 +25,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+# lm-evaluation-harness gsm8k.yaml's `until`: the training prompt's stops too (stages/protocols.py). The
+# evaluate stage cuts a completion before each, in turn, before extracting an answer; so does `score`.
+STOP = ("Question:", "</s>", "<|im_end|>")
 # lm-evaluation-harness gsm8k.yaml, filter "strict-match" (take_first).
 STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 # lm-evaluation-harness gsm8k.yaml, filter "flexible-extract" (group_select: -1).
@@ -83,13 +86,24 @@ def format_prompt(template: str, question: str) -> str:
     return template.format(question=question.strip())
 
 
-def score(predictions_texts: list[str], golds: list[str]) -> dict:
-    """Exact match of generated texts against gold answers, strict and flexible.
+def cut_at_stops(text: str, stop=STOP) -> str:
+    """The text before each stop string in turn (split, not earliest match: lm-eval's order)."""
+    for s in stop:
+        if s:
+            text = text.split(s)[0]
+    return text
+
+
+def score(predictions_texts: list[str], golds: list[str], stop=STOP) -> dict:
+    """Exact match of generated texts against gold answers, strict and flexible, as the evaluate stage
+    scores the training prompt's completions: each is cut at the stops first (a completion that runs on
+    into a next "Question:" is scored on its answer, not on the numbers after it).
 
     `golds` may be bare answers ("72") or whole reference solutions ("... #### 72").
     """
     if len(predictions_texts) != len(golds):
         raise ValueError(f"{len(predictions_texts)} predictions but {len(golds)} golds")
+    predictions_texts = [cut_at_stops(text, stop) for text in predictions_texts]
     n = len(golds)
     strict = [strict_answer(text) for text in predictions_texts]
     flexible = [flexible_answer(text) for text in predictions_texts]

@@ -62,6 +62,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from stages.gsm8k import STOP, cut_at_stops
 from stages.io import UserError
 
 TRAIN_PROMPT = "train_prompt"
@@ -192,7 +193,7 @@ PROTOCOL_NAMES = (TRAIN_PROMPT, *LM_EVAL_PROTOCOLS)
 DRAWS_FROM_TRAIN = tuple(p.name for p in LM_EVAL_PROTOCOLS.values() if p.num_fewshot and p.fewshot_sampler == "default")
 # train_prompt's stops and budget when evaluate.stop / evaluate.max_new_tokens are null: lm-eval
 # gsm8k's stop set, and room for a step-by-step solution.
-TRAIN_PROMPT_STOP = ("Question:", "</s>", "<|im_end|>")
+TRAIN_PROMPT_STOP = STOP
 TRAIN_PROMPT_MAX_NEW_TOKENS = 512
 
 
@@ -405,10 +406,7 @@ def cut_generation(protocol: Protocol, text: str, stop: Sequence[str]) -> str:
         if protocol.think_end not in text and protocol.unclosed_thinking == "no_answer":
             return ""
         text = text.split(protocol.think_end)[-1].lstrip()
-    for s in stop:
-        if s:
-            text = text.split(s)[0]
-    return text
+    return cut_at_stops(text, stop)
 
 
 def apply_filter(f: Filter, text: str) -> str:

@@ -80,6 +80,20 @@ def test_score_counts_strict_and_flexible_separately():
     }
 
 
+def test_score_cuts_each_completion_at_the_stops_as_the_evaluate_stage_does():
+    """A completion that runs on into a next question is scored on its own answer: the flexible match
+    once read the last number of the run-on text."""
+    from stages import protocols as P
+    from stages.config import EvaluateParams, PromptParams
+
+    texts = ["#### 5\n\nQuestion: x #### 9", "So 5.\nQuestion: Tom has 8 apples", "#### 7</s>#### 8"]
+    assert score(texts, ["5", "5", "7"])["correct_flexible"] == 3
+    protocol = P.get_protocol(P.TRAIN_PROMPT, PromptParams(), EvaluateParams())
+    records = [P.prediction_record(protocol, {"question": "q", "answer": f"#### {g}"}, t, P.TRAIN_PROMPT_STOP)
+               for t, g in zip(texts, ["5", "5", "7"])]
+    assert score(texts, ["5", "5", "7"]) == P.score(records)
+
+
 def test_score_of_nothing_is_zero_not_a_crash():
     assert score([], []) == {"exact_match": 0.0, "exact_match_flexible": 0.0, "n": 0,
                              "correct": 0, "correct_flexible": 0, "no_answer_rate": 0.0}

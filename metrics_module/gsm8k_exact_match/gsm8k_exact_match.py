@@ -30,7 +30,8 @@ text; both are compared to the gold answer after removing ',', '$' and one trail
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: generated texts (the full completion, not an extracted number).
+    predictions: generated texts (the full completion, not an extracted number; it is cut before
+        "Question:", "</s>" and "<|im_end|>" first, as the pipeline cuts the training prompt's).
     references: gold answers ("72") or whole reference solutions ("... #### 72").
 Returns:
     exact_match, exact_match_flexible, no_answer_rate: fractions in [0, 1];
