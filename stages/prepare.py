@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prepare: {data.source}: {sizes} rows, few-shot pool {len(pool)} "
           f"(train rows dropped as duplicates of test questions: {report['train_rows_duplicating_test']}, "
           f"of dev questions: {report['train_rows_duplicating_dev']})")
+    if "dev" in raw:
+        print(f"prepare: dev is the source's own dev.jsonl; data.dev_size ({data.dev_size}) and data.seed "
+              f"({data.seed}) draw nothing")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,23 @@ def test_train_rows_whose_question_is_in_a_shipped_dev_split_are_dropped():
     assert [r["question"] for r in splits["train"]] == [r["question"] for r in train[:3] + train[6:]]
 
 
+def test_a_shipped_dev_split_says_the_draw_params_draw_nothing(tmp_path, capsys):
+    """data.dev_size and data.seed re-run prepare when changed; with a source that ships dev.jsonl they
+    change nothing, which the stage says rather than leave a user to compare two identical runs."""
+    from stages.prepare import main
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name, rows in (("train", [row(i) for i in range(100, 120)]), ("dev", [row(200)]), ("test", [row(500)])):
+        (source / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "params.yaml").write_text(f"data:\n  source: {source}\n  dev_size: 4\n  seed: 9\n")
+    main(["--params", str(tmp_path / "params.yaml"),
+          *[a for s in ("train", "dev", "test", "fewshot") for a in (f"--{s}", str(tmp_path / f"{s}.out.jsonl"))]])
+    said = capsys.readouterr().out
+    assert "prepare: dev is the source's own dev.jsonl; data.dev_size (4) and data.seed (9) draw nothing" in said
+    assert len((tmp_path / "dev.out.jsonl").read_text().splitlines()) == 1
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["train"].__setitem__(3, {"question": "q", "answer": "no final line"}),
      "train row 4: answer has no final '#### N' line"),
