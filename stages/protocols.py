@@ -342,6 +342,12 @@ def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot
     examples = fewshot_examples(protocol, fewshot_pool, len(rows))
     check_no_overlap(protocol, rows, examples)
     prompts = [render_prompt(protocol, tokenizer, row["question"], ex) for row, ex in zip(rows, examples)]
+    if protocol.think_end and any(protocol.think_end in p for p in prompts):
+        # Qwen3's template with enable_thinking: false writes an empty, closed <think></think> into the
+        # generation prompt: the model never writes the marker, and every answer would count as unclosed.
+        raise UserError(f"params.yaml: evaluate.think_end: the prompt itself already holds {protocol.think_end!r} "
+                        "(the chat template closed the thinking before the answer: enable_thinking: false?), so no "
+                        "answer would contain it; unset evaluate.think_end")
     limit = context_limit(config, tokenizer, protocol)
     encoded = [encode_context(tokenizer, p, protocol, None) for p in prompts]
     return Plan(protocol, prompts, [ids[-limit:] for ids in encoded], stop_strings(protocol, tokenizer),
@@ -390,12 +396,31 @@ def check_no_overlap(protocol: Protocol, rows: Sequence[Mapping], examples: Sequ
 # ---------------------------------------------------------------- generation and scoring
 
 def stop_strings(protocol: Protocol, tokenizer) -> list[str]:
-    """The protocol's stops plus the EOS text, as lm-eval hands them to generation and the cut."""
+    """The protocol's stops plus the EOS text, as lm-eval hands them to generation and the cut, and
+    under train_prompt with a chat template, the template's end of turn (`end_of_turn`)."""
     stop = list(protocol.until)
     eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
-    if eos not in stop:
-        stop.append(eos)
+    for end in (eos, end_of_turn(protocol, tokenizer)):
+        if end and end not in stop:
+            stop.append(end)
     return stop
+
+
+def end_of_turn(protocol: Protocol, tokenizer) -> str | None:
+    """train_prompt through a chat template: what the template writes right after an assistant's answer
+    (Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Qwen's `<|im_end|>`), which training teaches the
+    model to write after its answer (stages.modeling.chat_completion). A model whose generation config
+    does not list it as EOS (Llama-3.1 and Gemma 2 base models) writes it and goes on with a next turn:
+    without it among the stops, that turn's numbers were scored. The lm-eval protocols keep lm-eval's
+    stops."""
+    if protocol.name != TRAIN_PROMPT or not protocol.chat:
+        return None
+    answer = "#### 0"
+    messages = [{"role": "user", "content": render_text(protocol, "x")}, {"role": "assistant", "content": answer}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                         **dict(protocol.chat_template_kwargs))
+    after = full.rsplit(answer, 1)[-1].split() if answer in full else []
+    return after[0] if after else None
 
 
 def cut_generation(protocol: Protocol, text: str, stop: Sequence[str]) -> str:

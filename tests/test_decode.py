@@ -353,6 +353,40 @@ def test_a_stop_string_that_is_a_special_token_ends_the_answer(engine):
     assert n_tokens == 2 * (len(tokenizer(" I think so.", add_special_tokens=False)["input_ids"]) + 1)
 
 
+LLAMA3_LIKE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("engine", ["static", "generate"])
+def test_a_chat_answer_ends_at_the_templates_end_of_turn(engine):
+    """prompt.chat trains the template's own end of turn after the answer (`<|eot_id|>` for Llama 3),
+    which a base model's generation config does not list as EOS: it is among the stops, else the next
+    turn the model writes after it (here one holding 42) was scored with the answer."""
+    from stages import protocols as P
+    from stages.evaluate import generate
+    from stages.modeling import chat_completion, render_prompt
+    from stages.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|start_header_id|>",
+                                                                "<|end_header_id|>"]})
+    tokenizer.chat_template = LLAMA3_LIKE
+    prompt_p = dataclasses.replace(PROMPT, chat=True)
+    question, answer = "Ann has 3 pens and buys 5. How many?", "#### 8"
+    completion = chat_completion(tokenizer, prompt_p, question, answer, render_prompt(tokenizer, prompt_p, question))
+    assert completion == answer + "<|eot_id|>"  # what training teaches
+    protocol = P.get_protocol(P.TRAIN_PROMPT, prompt_p, EvaluateParams())
+    plan = P.plan(protocol, tokenizer, {}, [{"question": question, "answer": answer}], [])
+    assert "<|eot_id|>" in plan.stop
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    model = scripted_model(tokenizer, plan.input_ids[0], answer, eot, "user: 42", tokenizer.eos_token_id)
+    texts, _ = generate(model, tokenizer, EvaluateParams(engine=engine, batch_size=1, max_new_tokens=60),
+                        plan.input_ids, plan.stop, 60, show_progress=False)
+    record = P.prediction_record(protocol, {"question": question, "answer": answer}, texts[0], plan.stop)
+    assert (record["response"].strip(), record["extracted"], record["extracted_flexible"]) == (answer, "8", "8")
+
+
 def test_greedy_changes_are_the_settings_that_change_an_argmax():
     from transformers import GenerationConfig
 

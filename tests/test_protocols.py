@@ -196,6 +196,29 @@ def test_plan_counts_the_prompts_it_cut(tokenizer):
         assert max(len(ids) for ids in plan.input_ids) == limit
 
 
+# Qwen3's template in short: enable_thinking false writes a closed, empty thinking block after the question.
+QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n"
+              "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+              "{% endif %}")
+
+
+def test_think_end_that_the_prompt_already_closes_is_refused(tokenizer):
+    """With enable_thinking: false the model never writes </think> (the template did): every answer
+    would have been an unclosed thinking, exact match 0."""
+    import copy
+
+    qwen = copy.deepcopy(tokenizer)
+    qwen.chat_template = QWEN3_LIKE
+    thinking = P.with_thinking(P.train_prompt(DEFAULT_TEMPLATE, True, {}, P.TRAIN_PROMPT_STOP, 64), "</think>", 64)
+    assert len(P.plan(thinking, qwen, {}, TEST, []).prompts) == len(TEST)  # thinking on: the model closes it
+    closed = P.with_thinking(P.train_prompt(DEFAULT_TEMPLATE, True, {"enable_thinking": False}, P.TRAIN_PROMPT_STOP,
+                                            64), "</think>", 64)
+    with pytest.raises(UserError, match=r"^params\.yaml: evaluate\.think_end: the prompt itself already holds "
+                                        r"'</think>' \(the chat template closed the thinking"):
+        P.plan(closed, qwen, {}, TEST, [])
+
+
 def test_settings_say_what_the_number_depends_on():
     s = P.settings(GSM8K)
     assert (s["name"], s["num_fewshot"], s["fewshot_seed"], s["max_new_tokens"], s["chat"]) == \
