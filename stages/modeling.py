@@ -204,9 +204,12 @@ def render_chat(tokenizer, prompt: PromptParams, messages: list[dict], add_gener
     (Qwen3's defaults to thinking mode unless told enable_thinking: false)."""
     import inspect
 
+    from stages.protocols import check_undated
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("params.yaml: prompt.chat: true, but the tokenizer has no chat template")
     kwargs = prompt.chat_template_kwargs
+    check_undated(tokenizer, kwargs)
     # A key that names an argument of apply_chat_template would not reach the template (or would
     # fail with "multiple values"): refuse it rather than silently change how the text is rendered.
     clash = sorted(set(kwargs) & (set(inspect.signature(tokenizer.apply_chat_template).parameters) - {"kwargs"}))

@@ -354,6 +354,17 @@ def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot
                 protocol.max_new_tokens, limit, sum(len(ids) > limit for ids in encoded))
 
 
+def check_undated(tokenizer, chat_template_kwargs: Mapping[str, Any]) -> None:
+    """A chat template that writes today's date (Llama 3.2/3.3's system header, through strftime_now unless
+    given date_string) makes the same params render other prompts on another day: training's prompts
+    would not be evaluation's, and DVC would not see the change."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    if "strftime_now" in template and "date_string" not in chat_template_kwargs:
+        raise UserError("params.yaml: prompt.chat_template_kwargs: the chat template writes today's date into every "
+                        "prompt (strftime_now), so training and evaluation on other days would see other prompts; "
+                        "set prompt.chat_template_kwargs: {date_string: '26 Jul 2024'} (any fixed date)")
+
+
 def check(protocol: Protocol, tokenizer, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],
           where: str = "the few-shot pool") -> None:
     """One-line UserErrors naming the key, for what would otherwise fail (or silently differ) later."""
@@ -361,6 +372,8 @@ def check(protocol: Protocol, tokenizer, rows: Sequence[Mapping], fewshot_pool: 
     if protocol.chat and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"params.yaml: {key}: {protocol.name} renders through a chat template, "
                         "but the tokenizer has no chat template")
+    if protocol.chat:
+        check_undated(tokenizer, dict(protocol.chat_template_kwargs))
     if protocol.num_fewshot and protocol.fewshot_sampler == "default":
         if protocol.num_fewshot > len(fewshot_pool):
             raise UserError(f"params.yaml: evaluate.protocol: {protocol.name} draws {protocol.num_fewshot} few-shot "

@@ -98,8 +98,8 @@ NOT_DEPS = {
     "stages/quiet.py": ({"fingerprint", "prepare", "train", "evaluate", "evaluate_base", "report", "export"},
                         "which library warnings are silenced: the log, not the outputs"),
     "stages/protocols.py": ({"fingerprint", "prepare", "train", "export"},
-                            "reached through config.py's check of evaluate.protocol's name and memory.py's "
-                            "estimate for evaluation"),
+                            "reached through config.py's check of evaluate.protocol's name, memory.py's "
+                            "estimate for evaluation and modeling.py's refusal of a dated chat template"),
     "stages/decode.py": ({"train", "export"}, "reached through memory.py, whose PREFILL_TOKENS sizes evaluation's estimate"),
     "stages/decode_attention.py": ({"train", "export"}, "reached through decode.py, as above"),
 }

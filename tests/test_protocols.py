@@ -219,6 +219,27 @@ def test_think_end_that_the_prompt_already_closes_is_refused(tokenizer):
         P.plan(closed, qwen, {}, TEST, [])
 
 
+def test_a_chat_template_that_writes_todays_date_needs_a_fixed_one(tokenizer):
+    """Llama 3.2's template writes strftime_now's date unless given date_string: training and evaluation on
+    other days rendered other prompts from the same params."""
+    import copy
+
+    from stages.modeling import render_prompt
+
+    dated = copy.deepcopy(tokenizer)
+    dated.chat_template = ("{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+                           "{% endif %}Today: {{ date_string }}\n" + tokenizer.chat_template)
+    message = r"^params\.yaml: prompt\.chat_template_kwargs: the chat template writes today's date into every prompt"
+    with pytest.raises(UserError, match=message):
+        render_prompt(dated, PromptParams(chat=True), "q")  # training's rendering
+    with pytest.raises(UserError, match=message):
+        P.plan(P.train_prompt(DEFAULT_TEMPLATE, True, {}, P.TRAIN_PROMPT_STOP, 64), dated, {}, TEST, [])
+    fixed = {"date_string": "26 Jul 2024"}
+    prompt = render_prompt(dated, PromptParams(chat=True, chat_template_kwargs=fixed), "q")
+    assert prompt.startswith("Today: 26 Jul 2024\n")
+    assert P.plan(P.train_prompt(DEFAULT_TEMPLATE, True, fixed, P.TRAIN_PROMPT_STOP, 64), dated, {}, TEST, []).prompts
+
+
 def test_settings_say_what_the_number_depends_on():
     s = P.settings(GSM8K)
     assert (s["name"], s["num_fewshot"], s["fewshot_seed"], s["max_new_tokens"], s["chat"]) == \
