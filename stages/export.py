@@ -111,7 +111,8 @@ def provenance(model_p: ModelParams, adapter: str, dtype: str, fingerprint: dict
         "base_fingerprint": fingerprint,
         "base_loading": {"load_in_4bit": model_p.load_in_4bit, "bnb_4bit_quant_type": model_p.bnb_4bit_quant_type,
                          "bnb_4bit_use_double_quant": model_p.bnb_4bit_use_double_quant,
-                         "dequantized_to": model_p.bnb_4bit_compute_dtype},
+                         # a base loaded unquantized was never dequantized
+                         "dequantized_to": model_p.bnb_4bit_compute_dtype if model_p.load_in_4bit else None},
         "adapter": adapter,
         "adapter_sha256": adapter_sha256,
         "adapter_files": files,

@@ -40,6 +40,12 @@ def accuracy_by_steps(rows: list[dict], tuned: list[dict], base: list[dict], whe
             bucket[name][1] += 1
         if not seen:
             raise UserError(f"{where}: no predictions of the {name.replace('_', '-')} model")
+    # Side by side only over the same questions: a stale or hand-made file of another limit or split
+    # would put one model's share over some questions beside the other's over others.
+    questions = [sorted(p["question"] for p in predictions) for predictions in (tuned, base)]
+    if questions[0] != questions[1]:
+        raise UserError(f"{where}: the two files score different questions ({len(tuned)} fine-tuned, {len(base)} "
+                        "base, or other ones); re-run the evaluate stages (`dvc repro`)")
     return [{"steps": s, "questions": b["fine_tuned"][1] or b["base"][1],
              "fine_tuned": round(b["fine_tuned"][0] / b["fine_tuned"][1], 4) if b["fine_tuned"][1] else "",
              "base": round(b["base"][0] / b["base"][1], 4) if b["base"][1] else ""}

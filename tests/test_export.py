@@ -13,6 +13,7 @@ Measured here (tiny model, 28 steps, the adapter moves the logits by 5.5%):
 - bfloat16 export vs evaluate: 0.104 (each merged weight rounded once to bf16, and bf16 arithmetic).
 A smaller update has a larger share: after 10 steps (2% of the logits) they are 0.23 and 0.28.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -111,6 +112,11 @@ def test_the_export_is_a_plain_checkpoint_with_tokenizer_generation_config_and_p
     assert record["base_model"] == model_p.name and record["adapter"] == adapter and record["dtype"] == "float32"
     assert record["adapter_sha256"] == directory_sha256(Path(adapter), {})[0]
     assert record["base_loading"]["load_in_4bit"] and record["base_loading"]["bnb_4bit_quant_type"] == "nf4"
+    assert record["base_loading"]["dequantized_to"] == model_p.bnb_4bit_compute_dtype
+    from stages.export import provenance
+
+    unquantized = provenance(dataclasses.replace(model_p, load_in_4bit=False), adapter, "float32", None)
+    assert unquantized["base_loading"]["dequantized_to"] is None  # never quantized, so never dequantized
     assert not [p for p in out.parent.iterdir() if p.name != "model"], "a temporary directory was left behind"
     bf16 = json.loads((exports["bfloat16"] / "config.json").read_text())
     assert bf16["dtype"] == "bfloat16"

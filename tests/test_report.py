@@ -27,3 +27,6 @@ def test_accuracy_by_steps():
         {"steps": 3, "questions": 1, "fine_tuned": 1.0, "base": 1.0}]
     with pytest.raises(UserError, match="a question that is not in the evaluated split"):
         accuracy_by_steps(rows, tuned + [{"question": "other", "correct": True}], base, "p")
+    # A stale or hand-made file over other questions (here the fine-tuned one at a limit of 1).
+    with pytest.raises(UserError, match=r"^p: the two files score different questions \(1 fine-tuned, 3 base"):
+        accuracy_by_steps(rows, tuned[:1], base, "p")
