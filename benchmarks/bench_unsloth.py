@@ -10,13 +10,20 @@ benchmarks/unsloth_wheels.sh for what that site holds. Then it merges PEER.json 
 Unsloth's recipe, as its docs give it: `FastLanguageModel.from_pretrained(load_in_4bit=True)` (NF4, double
 quantisation, bf16), `FastLanguageModel.get_peft_model` (r=32, alpha 16, the 7 Llama projections,
 `use_gradient_checkpointing="unsloth"`), padding-free batches: the 8 rows of an optimizer step in one
-sequence with per-row position ids, which is what Unsloth's SFTTrainer feeds the model when it turns on
-padding-free itself, and which its Llama forward reads back into per-row attention. The loop is a plain
-one (the optimizer, schedule and clipping of bench.py's plain loop) rather than trl's SFTTrainer, so that
-the rows and their order are exactly bench.py's and nothing of trl 1.15's data preparation is timed;
-the kernels (its LoRA MLP/QKV/O, RoPE, RMSNorm, fused cross-entropy, offloaded checkpointing) all sit in
-the model and run the same either way. Losses differ from ours by kernel numerics and LoRA init: reported,
-not gated.
+sequence (batch 1, no attention mask) with position ids that restart at each row. Attention stays within
+each row: in Unsloth 2026.10.9 the attention reads row boundaries from a `packed_seq_lengths` kwarg, which
+its SFTTrainer's padding-free collator adds (unsloth/utils/packing.py, enable_padding_free_metadata), and
+when that kwarg is absent, LlamaModel_fast_forward derives it from the restarting position ids (batch 1,
+no mask, no KV cache, no context parallelism: unsloth/models/llama.py, "TRL padding-free DPO sends reset
+position_ids only") and passes it to every layer. Each layer then runs varlen attention: flash-attn's
+varlen kernel if installed, else SDPA per row (torch varlen, per-segment SDPA or a block-diagonal mask).
+What the derived lengths do not reach is the CausalLM forward's guard that masks each row's first label
+(mask_packed_boundary_labels); packed_step masks it already (each row's BOS is prompt, label -100). The
+loop is a plain one (the optimizer, schedule and clipping of bench.py's plain loop) rather than trl's
+SFTTrainer, so that the rows and their order are exactly bench.py's and nothing of trl 1.15's data
+preparation is timed; the kernels (its LoRA MLP/QKV/O, RoPE, RMSNorm, fused cross-entropy, offloaded
+checkpointing) all sit in the model and run the same either way. Losses differ from ours by kernel numerics
+and LoRA init: reported, not gated.
 """
 from __future__ import annotations
 

@@ -414,3 +414,64 @@ def test_diagnose_engine_records_a_crashed_case_and_goes_on(tmp_path):
                for line in results["small_one_pass"]["stderr_tail"] + results["small_one_pass"]["native_frames"])
     assert results["small_answers_sdpa"]["identical_to_eager"] == "64/64"
     assert results["small_answers_sdpa"]["answers_cut_at_their_length"] == 64
+
+
+def _peer_rows(lengths):
+    """Rows as bench.py hands them to the peer: BOS (prompt) first, then prompt and completion tokens."""
+    return [{"input_ids": [1] + [3 + (i + j) % 90 for j in range(n - 1)],
+             "completion_mask": [0] * (n // 2) + [1] * (n - n // 2)} for i, n in enumerate(lengths)]
+
+
+def test_packed_step_positions_restart_exactly_at_each_row():
+    """The padding-free peer gets no packed_seq_lengths: Unsloth 2026.10.9's LlamaModel_fast_forward derives
+    them from the position ids (a 0 starts a row; the first token must be a 0; more than one 0), so the
+    positions packed_step writes must give back exactly the row lengths, summing to the sequence length."""
+    peer = load("bench_unsloth")
+    lengths = [30, 12, 9, 6, 26, 24, 40, 9]
+    packed = peer.packed_step(_peer_rows(lengths))
+    positions = packed["position_ids"]
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert starts[0] == 0 and len(starts) == len(lengths) > 1
+    derived = [b - a for a, b in zip(starts, starts[1:] + [len(positions)])]
+    assert derived == lengths and sum(derived) == len(packed["input_ids"]) == len(packed["labels"])
+    # the first label of every row is -100: nothing is trained across a row boundary
+    assert all(packed["labels"][s] == -100 for s in starts)
+
+
+UNSLOTH_WHEEL = sorted((ROOT / ".whl_unsloth").glob("unsloth-2026.10.9-*.whl"))
+
+
+@pytest.mark.skipif(not UNSLOTH_WHEEL, reason="no .whl_unsloth/unsloth-2026.10.9-*.whl (unsloth_wheels.sh)")
+def test_unsloth_derives_per_row_attention_from_packed_step_positions():
+    """Against the pinned wheel's own source (read, not installed: it needs CUDA): its Llama forward derives
+    packed_seq_lengths from reset position ids when none is given, and its derivation, run on CPU over
+    packed_step's positions, gives int32 boundaries whose lengths are the rows'."""
+    import ast
+
+    import torch
+
+    with zipfile.ZipFile(UNSLOTH_WHEEL[0]) as wheel:
+        llama = wheel.read("unsloth/models/llama.py").decode()
+        packing = wheel.read("unsloth/utils/packing.py").decode()
+    # LlamaModel_fast_forward: batch 1, no mask, no cache, positions given -> kwargs["packed_seq_lengths"]
+    guard = ('kwargs.get("packed_seq_lengths") is None\n        and batch_size == 1\n'
+             '        and attention_mask is None\n        and past_key_values is None\n'
+             '        and position_ids is not None\n')
+    assert guard in llama
+    assert "seq_info = get_packed_info_from_kwargs(kwargs, position_ids.device, position_ids)" in llama
+    assert 'kwargs["packed_seq_lengths"] = seq_info[0]' in llama
+    # ... which the attention reads (seq_info -> varlen / per-row SDPA)
+    assert "seq_info = get_packed_info_from_kwargs(kwargs, Q.device)" in llama
+    wanted = {"_varlen_from_position_ids", "_seq_idx_from_cu_seqlens"}
+    defs = [n for n in ast.parse(packing).body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    module = ast.Module(defs, type_ignores=[])
+    namespace = {"torch": torch}
+    exec(compile(module, "unsloth/utils/packing.py", "exec"), namespace)
+    assert wanted <= namespace.keys()
+    peer = load("bench_unsloth")
+    lengths = [30, 12, 9, 6, 26, 24, 40, 9]
+    packed = peer.packed_step(_peer_rows(lengths))
+    cu_seqlens, _ = namespace["_varlen_from_position_ids"](torch.tensor([packed["position_ids"]]))
+    seq_lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # what get_packed_info_from_kwargs hands the attention
+    assert cu_seqlens.dtype == seq_lengths.dtype == torch.int32
+    assert seq_lengths.tolist() == lengths and int(seq_lengths.sum()) == len(packed["input_ids"])
