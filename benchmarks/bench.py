@@ -17,7 +17,9 @@ config with random weights (bench_model.py), on token sequences of GSM8K's lengt
   directory and rows in a process of its own over `--unsloth-site` (bench_unsloth.py); its losses are
   reported beside ours, not gated (other kernels, another LoRA init).
 - eval: plain 4-bit `generate` (batch 64) against `stages.evaluate.load_for_generation` +
-  `stages.evaluate.generate` unchanged, on GSM8K-test-length prompts × 256 new tokens:
+  `stages.evaluate.generate` unchanged, as `evaluate` runs a fine-tuned model (the base with a LoRA
+  adapter, r=32 on all linear layers, random, unmerged: bench_model.build_adapter_dir, built once per
+  model directory), on GSM8K-test-length prompts × 256 new tokens:
   "static_b128"/"static_b256" (the project's engine, stages/decode.py, on the dequantized model),
   "generate_b256"/"generate_b128" (transformers' generate on the same model) and "4bit_b64". The
   static ones run the whole 1,319-prompt split; the others run one or two batches (after a warm-up)
@@ -51,9 +53,9 @@ from bench_device import (free_memory, gpu_name, peak_memory, quiet_libraries, r
                           slug, versions)
 from bench_eval import (EVAL_VARIANTS, auto_batch, engine_agreement, engine_checks, eval_baseline, eval_project,  # noqa: E402
                         load_project_model)
-from bench_model import (ANSWER_LENGTHS, EFFECTIVE_BATCH, EVAL_LENGTHS, GSM8K_TEST_SIZE, TRAIN_LENGTHS, bench_shape,  # noqa: E402
-                         build_model_dir, default_workdir, existing_shape_matches, make_answer_lengths,
-                         make_eval_prompts, make_train_rows)
+from bench_model import (ANSWER_LENGTHS, EFFECTIVE_BATCH, EVAL_ADAPTER, EVAL_LENGTHS, GSM8K_TEST_SIZE,  # noqa: E402
+                         TRAIN_LENGTHS, bench_shape, build_adapter_dir, build_model_dir, default_workdir,
+                         existing_shape_matches, make_answer_lengths, make_eval_prompts, make_train_rows)
 from bench_report import loss_agreement, markdown_table, ratios_and_goals, steady_state  # noqa: E402
 from bench_train import TRAIN_VARIANTS, train_baseline, train_project, undo_module_patches  # noqa: E402
 from bench_unsloth import PEER_VARIANTS, compare_with, run_peer  # noqa: E402
@@ -164,6 +166,9 @@ def run_variant(results: dict, section: str, name: str, out: Path, fn) -> dict:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         figures = {"error": f"{type(exc).__name__}: {first_line}"[:500]}
     figures["section_seconds"] = round(time.perf_counter() - started, 1)
+    # With --merge a file holds variants of several invocations: each says which one measured it, so that a
+    # ratio is only taken between variants of one run (bench_report: the goals compare within one).
+    figures["command"] = results["command"]
     if resident is not None:
         figures.setdefault("allocated_at_start_gib", round(resident, 3))  # > 0 on a fresh load means a leak
     free_memory()
@@ -304,8 +309,8 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
     state = {}
 
     def baseline():
-        figures, state["lora_a"] = train_baseline(str(workdir), rows, args.train_steps, args.warmup_steps, lora,
-                                                  train_p, args.seed)
+        figures, state["lora_a"], state["lora_b"] = train_baseline(str(workdir), rows, args.train_steps,
+                                                                   args.warmup_steps, lora, train_p, args.seed)
         return figures
 
     base = None
@@ -329,7 +334,7 @@ def train_section(args, results, out, clock, plan, shape, workdir) -> None:
             try:
                 with undo_module_patches():
                     return train_project(str(workdir), rows, args.train_steps, args.warmup_steps, params,
-                                         args.seed, state.get("lora_a"))
+                                         args.seed, state.get("lora_a"), reference_lora_b=state.get("lora_b"))
             finally:
                 # Dynamo's cache is per code object, not per model: without a reset the next compiled
                 # variant would run this one's compiled layers (run 7 did: a first step of 2 s).
@@ -380,7 +385,13 @@ def compare_peers_with_ours(results: dict) -> None:
 def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
     prompts = make_eval_prompts(GSM8K_TEST_SIZE, shape["vocab_size"], args.seed, args.length_scale)
     loaded, texts = {}, {}
-    for name in wanted_variants(args, "eval"):
+    wanted = wanted_variants(args, "eval")
+    if any(eval_plan(args)[name][3] != "plain" for name in wanted):
+        # What `evaluate` loads for a fine-tuned model; the plain recipe's baseline stays adapter-free.
+        results["build_adapter"] = build_adapter_dir(workdir, args.seed)
+        print(f"build_adapter: {results['build_adapter']}", flush=True)
+    adapter = results.get("build_adapter", {}).get("path")
+    for name in wanted:
         n, batch, engine, kind = eval_plan(args)[name]
         if loaded.get("kind") != kind:
             release(loaded)
@@ -395,7 +406,7 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             if kind == "plain":
                 return eval_baseline(str(workdir), prompts[:n], batch, args.new_tokens, GSM8K_TEST_SIZE)
             if not loaded:
-                model, tokenizer = load_project_model(str(workdir), dequantize=kind == "dequant")
+                model, tokenizer = load_project_model(str(workdir), dequantize=kind == "dequant", adapter=adapter)
                 loaded.update(kind=kind, model=model, tokenizer=tokenizer)
             if name.startswith("static_auto"):
                 batch = auto_batch(str(workdir), loaded["model"], prompts[:n], args.new_tokens, n) if not args.tiny \
@@ -415,6 +426,7 @@ def eval_section(args, results, out, clock, plan, shape, workdir) -> None:
             figures["fused_step_attention"] = engine == "static" and not name.endswith("_sdpa") and \
                 any(stages.decode._SELF_CHECKS.values())
             figures["batch_size"] = batch
+            figures["adapter"] = {**EVAL_ADAPTER, "path": adapter}
             texts[name] = figures.pop("texts")
             return figures
 

@@ -69,12 +69,47 @@ def timing_summary(step_ends: list[float], start: float, rows: list[dict], warmu
     }
 
 
+def lora_snapshot(model, which: str, dtype=None) -> dict:
+    """A model's LoRA `which` ("lora_A", "lora_B") matrices on the CPU, keyed by module name (as peft
+    names them, less the adapter name and a compiled layer's `_orig_mod`)."""
+    import torch
+
+    return {name.replace(".default", "").replace("._orig_mod", ""): p.detach().to("cpu", dtype or torch.float32)
+            .clone() for name, p in model.named_parameters() if which in name}
+
+
 def lora_a_snapshot(model) -> dict:
     """LoRA A matrices (their random init; B starts at zero) in bf16 on the CPU, keyed by module name."""
     import torch
 
-    return {name.replace(".default", ""): p.detach().to("cpu", torch.bfloat16).clone()
-            for name, p in model.named_parameters() if "lora_A" in name}
+    return lora_snapshot(model, "lora_A", torch.bfloat16)
+
+
+# What a path's trained LoRA B must be, against the plain loop's after the same steps: the loss of a random-
+# weight model hardly moves in a few steps, so a path that trained nothing (or other rows) passed the loss
+# check (audit of stop 27). B starts at zero and every path starts from the same A: equal training gives
+# equal B up to bf16 rounding and LoRA dropout's masks (drawn over other tensor shapes padding-free); none
+# gives B = 0. The bounds are loose (neither effect, through Adam's per-element normalisation, is measured at
+# 8B yet): they catch a path that trained nothing, or something else.
+ADAPTER_MIN_COSINE = 0.5
+ADAPTER_NORM_RATIO = (0.5, 2.0)
+
+
+def compare_lora_b(reference: dict, model) -> dict:
+    """The trained adapter against the plain loop's: the cosine of all LoRA B weights taken as one vector,
+    and the ratio of their norms; `adapter_check` PASS when both are within the bounds above."""
+    ours = lora_snapshot(model, "lora_B")
+    if set(ours) != set(reference):
+        return {"adapter_check": "FAIL", "adapter_note": f"{len(ours)} vs {len(reference)} LoRA B matrices"}
+    dot = sum(float((ours[k].double() * reference[k].double()).sum()) for k in ours)
+    norm = sum(float(ours[k].double().pow(2).sum()) for k in ours) ** 0.5
+    ref_norm = sum(float(reference[k].double().pow(2).sum()) for k in ours) ** 0.5
+    if not ref_norm:
+        return {"adapter_check": "FAIL", "adapter_note": "the plain loop's LoRA B is zero: it trained nothing"}
+    cosine, ratio = (dot / (norm * ref_norm) if norm else 0.0), norm / ref_norm
+    ok = cosine >= ADAPTER_MIN_COSINE and ADAPTER_NORM_RATIO[0] <= ratio <= ADAPTER_NORM_RATIO[1]
+    return {"adapter_cosine": round(cosine, 6), "adapter_norm_ratio": round(ratio, 6),
+            "adapter_check": "PASS" if ok else "FAIL"}
 
 
 def compare_lora_a(reference: dict, model) -> dict:
@@ -86,7 +121,8 @@ def compare_lora_a(reference: dict, model) -> dict:
 
 
 def train_baseline(workdir: str, rows: list[dict], steps: int, warmup: int, lora: dict, train_p, seed: int) -> tuple:
-    """The plain recipe, as plainly as it is usually written; returns (figures, LoRA A snapshot)."""
+    """The plain recipe, as plainly as it is usually written; returns (figures, LoRA A snapshot at the
+    start, LoRA B snapshot at the end)."""
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -130,12 +166,13 @@ def train_baseline(workdir: str, rows: list[dict], steps: int, warmup: int, lora
         sync()
         step_ends.append(time.perf_counter())
     figures = {"losses": losses, "grad_norms": grad_norms, **timing_summary(step_ends, start, rows, warmup)}
+    trained = lora_snapshot(model, "lora_B")
     del model, optimizer, trainable
-    return figures, snapshot
+    return figures, snapshot, trained
 
 
 def train_project(workdir: str, rows: list[dict], steps: int, warmup: int, train_p, seed: int,
-                  reference_lora_a: dict | None, callbacks: tuple = ()) -> dict:
+                  reference_lora_a: dict | None, callbacks: tuple = (), reference_lora_b: dict | None = None) -> dict:
     """stages.train.build_trainer with `train_p`, timed per optimizer step by a callback."""
     import datasets
     import transformers
@@ -182,6 +219,8 @@ def train_project(workdir: str, rows: list[dict], steps: int, warmup: int, train
         got = first["input_ids"].flatten().tolist()
         figures["data_order_sequential"] = got[:len(expected)] == expected
         trainer.train()
+        if reference_lora_b:
+            figures.update(compare_lora_b(reference_lora_b, trainer.model))
         if train_p.torch_compile:
             figures["compile_counters"] = compile_counters()
         history = trainer.state.log_history

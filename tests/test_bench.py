@@ -96,6 +96,9 @@ def test_padding_free_trains_the_same_thing_as_the_plain_loop(result):
     pf = train["padding_free"]
     assert pf["lora_a_identical"] and pf["data_order_sequential"]
     assert pf["loss_check"] == "PASS" and pf["loss_check_strict"] == "PASS"
+    # The adapter it trained is the plain loop's (up to LoRA dropout's masks, drawn over other shapes).
+    for name in ("padding_free", "card", "card+compile", "card+cudagraphs"):
+        assert train[name]["adapter_check"] == "PASS" and train[name]["adapter_cosine"] > 0.8, name
     assert pf["first_step_loss_rel_diff"] < 1e-3
     assert len(pf["losses"]) == len(train["baseline"]["losses"]) == result[0]["settings"]["train_steps"]
     assert train["card"]["loss_check_strict"] == "PASS"  # Trainer's accumulation normalises like the plain loop
@@ -168,6 +171,30 @@ def test_sequences_follow_the_gsm8k_length_distribution():
     assert bench.make_eval_prompts(128, 512, seed=0) == prompts[:128]
 
 
+def test_a_path_that_trains_nothing_or_something_else_fails_the_adapter_check():
+    """The loss of a random-weight model hardly moves in a few steps, so a path that never updated its adapter
+    passed the loss checks (audit, stop 27); its LoRA B (zero at the start) does not pass this one."""
+    import torch
+
+    bench_train = load("bench_train")
+
+    class Model(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.layer = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(4, 2), "lora_B": torch.nn.Linear(2, 4)})
+            with torch.no_grad():
+                self.layer["lora_B"].weight.copy_(b)
+                self.layer["lora_B"].bias.zero_()
+
+    trained = torch.randn(4, 2)
+    reference = bench_train.lora_snapshot(Model(trained), "lora_B")
+    check = lambda b: bench_train.compare_lora_b(reference, Model(b))["adapter_check"]  # noqa: E731
+    assert check(trained * 1.01 + 1e-3 * torch.randn(4, 2)) == "PASS"  # bf16-like differences
+    assert check(torch.zeros(4, 2)) == "FAIL"  # trained nothing
+    assert check(trained * 1e-6) == "FAIL"  # a learning rate of ~0
+    assert check(-trained) == "FAIL"  # trained against the plain loop's direction
+
+
 @pytest.mark.parametrize("losses, check, strict", [
     ([6.2540, 6.2596, 6.2457], "PASS", "PASS"),  # same rows, float noise
     ([6.2596, 6.2457, 6.2540], "PASS", "FAIL"),  # other rows: within rtol, but the strict check sees it
@@ -206,6 +233,16 @@ def test_profile_train_runs_the_project_path_under_the_profiler(tmp_path):
     assert "bitsandbytes::gemm_4bit" in card["top_host"] or "aten::mm" in card["top_host"]
 
 
+# What a goal needs besides the figures: the issue's setting (an H200, the 8B shape, 256 new tokens), and a
+# path that trained what the plain loop trained, in the same invocation as the baseline.
+SETTING = {"gpu": "NVIDIA H200", "shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                               vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+           "lengths": {"scale": None}, "settings": {"new_tokens": 256}}
+SAME = {"loss_check": "PASS", "loss_check_strict": "PASS", "adapter_check": "PASS", "lora_a_identical": True,
+        "data_order_sequential": True, "command": "python benchmarks/bench.py"}
+
+
 @pytest.mark.parametrize("card, fast, fast_in_memory", [
     (dict(train_tokens_per_second=1000.0, peak_allocated_gib=9.3, allocated_at_start_gib=1.0), True, True),
     (dict(train_tokens_per_second=1000.0, peak_allocated_gib=9.3, allocated_at_start_gib=0.0), True, False),
@@ -215,8 +252,9 @@ def test_card_goal_with_and_without_the_memory_clause(card, fast, fast_in_memory
     """3x the plain recipe at batch 1 x 8 with the same loss; the memory clause counts the variant's own
     peak, not what earlier variants of the process left allocated."""
     bench = load("bench_report")
-    results = {"train": {"baseline": {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9},
-                         "card+compile-checkpointing": {**card, "loss_check": "PASS"}}}
+    results = {**SETTING, "train": {"baseline": {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9,
+                                                 "command": SAME["command"]},
+                                    "card+compile-checkpointing": {**card, **SAME}}}
     _, goals = bench.ratios_and_goals(results, tiny=False)
     assert goals["train_card_batch_1x8_>=3x_same_loss"] is fast
     assert goals["train_card_batch_1x8_>=3x_same_loss_no_more_memory"] is fast_in_memory
@@ -227,15 +265,54 @@ def test_card_goal_with_and_without_the_memory_clause(card, fast, fast_in_memory
 def test_goals_are_the_default_paths_when_it_ran():
     """Issue 15's training goals are the default path's: a faster non-default variant does not meet them."""
     bench = load("bench_report")
-    base = {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9}
-    fast = {"train_tokens_per_second": 3000.0, "peak_allocated_gib": 7.0, "loss_check": "PASS"}
+    base = {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9, "command": SAME["command"]}
+    fast = {"train_tokens_per_second": 3000.0, "peak_allocated_gib": 7.0, **SAME}
     slow = {**fast, "train_tokens_per_second": 1500.0}
-    peer = {"train_tokens_per_second": 2000.0}
+    peer = {"train_tokens_per_second": 2000.0, "command": SAME["command"]}
     for default, met in ((fast, True), (slow, False)):
-        results = {"train": {"baseline": base, "unsloth": peer, "default": default, "padding_free+compile": fast}}
+        results = {**SETTING, "train": {"baseline": base, "unsloth": peer, "default": default,
+                                        "padding_free+compile": fast}}
         _, goals = bench.ratios_and_goals(results, tiny=False)
         assert goals["train_effective_batch_8_>=8x_same_loss_no_more_memory"] is met
         assert goals["train_effective_batch_8_>=1.2x_unsloth_same_loss"] is met
+
+
+def test_a_goal_holds_only_in_the_issues_setting_for_a_path_that_trained_the_same():
+    """Audit of stop 27: an H100 run, a 2-layer model, a path that trained nothing (its loss alone passed),
+    a variant merged from another invocation: the goals said met."""
+    bench = load("bench_report")
+    base = {"train_tokens_per_second": 300.0, "peak_allocated_gib": 8.9, "command": SAME["command"]}
+    fast = {"train_tokens_per_second": 3000.0, "peak_allocated_gib": 7.0, **SAME}
+    key = "train_effective_batch_8_>=8x_same_loss_no_more_memory"
+    goals = bench.ratios_and_goals({**SETTING, "train": {"baseline": base, "default": fast}}, tiny=False)[1]
+    assert goals[key] is True and "not_applicable" not in goals
+    for change, why in (({"gpu": "NVIDIA H100 80GB HBM3"}, "the goals are on an H200"),
+                        ({"shape": {**SETTING["shape"], "num_hidden_layers": 2}}, "not the Llama-3.1-8B shape"),
+                        ({"settings": {"new_tokens": 128}}, "128 new tokens, not 256")):
+        results = {**SETTING, **change, "train": {"baseline": base, "default": fast}}
+        goals = bench.ratios_and_goals(results, tiny=False)[1]
+        assert goals[key] is None and why in goals["not_applicable"]
+    for change in ({"adapter_check": "FAIL"}, {"loss_check_strict": "FAIL"}, {"data_order_sequential": False},
+                   {"command": "python benchmarks/bench.py --merge (an earlier run)"}):
+        results = {**SETTING, "train": {"baseline": base, "default": {**fast, **change}}}
+        assert bench.ratios_and_goals(results, tiny=False)[1][key] is False, change
+
+
+def test_the_eval_goals_count_only_the_whole_split_decoded_to_the_last_token():
+    bench = load("bench_report")
+    whole = {"prompts": 1319, "generated_tokens": 1319 * 256, "wall_seconds_full_split": 20.0, "extrapolated": False,
+             "peak_allocated_gib": 33.0, "peak_reserved_gib": 35.2}
+    fast, small = "eval_full_split_<=25s_measured", "eval_<=25s_within_40GB"
+    goals = bench.ratios_and_goals({**SETTING, "eval": {"static_b256": whole}}, tiny=False)[1]
+    assert (goals[fast], goals[small]) == (True, True)
+    for change in ({"prompts": 300, "generated_tokens": 300 * 256, "extrapolated": True},  # extrapolated
+                   {"generated_tokens": 1319 * 100}):  # answers ended early: less work than the goal's
+        goals = bench.ratios_and_goals({**SETTING, "eval": {"static_b256": {**whole, **change}}}, tiny=False)[1]
+        assert (goals[fast], goals[small]) == (None, None), change
+    # What a 40 GB card must hold is what the allocator reserved, not only the live tensors.
+    goals = bench.ratios_and_goals({**SETTING, "eval": {"static_b256": {**whole, "peak_reserved_gib": 38.0}}},
+                                   tiny=False)[1]
+    assert (goals[fast], goals[small]) == (True, False)
 
 
 def test_model_flop_utilization_counts_the_matmuls_a_trained_token_passes():
