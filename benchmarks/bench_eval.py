@@ -9,7 +9,9 @@ then take the next questions), "generate_b256"/"generate_b128" (transformers' ge
 model) and "4bit_b64". A subset of prompts is extrapolated to the whole split's batch count
 ("extrapolated": true). Where
 static_b256 and generate_b256 decoded the same prompts, `engine_agreement` and `engine_checks` say how
-far the two engines agree (bf16 near-ties may differ; the checks do not depend on them).
+far the two engines agree (bf16 near-ties may differ; the checks do not depend on them). Every
+variant but the plain baseline loads the base with a LoRA adapter (r=32 on all linear layers, random
+weights: bench_model.build_adapter_dir), unmerged, as `evaluate` loads a fine-tuned model.
 """
 from __future__ import annotations
 
@@ -71,14 +73,17 @@ def eval_baseline(workdir: str, prompts: list[list[int]], batch_size: int, new_t
             "extrapolated": len(prompts) < n_full}
 
 
-def load_project_model(workdir: str, dequantize: bool):
+def load_project_model(workdir: str, dequantize: bool, adapter: str | None = None):
+    """Model and tokenizer as stages.evaluate.main loads them: with `adapter` (bench_model.build_adapter_dir)
+    the fine-tuned model's `evaluate`, the adapter unmerged on the base and the tokenizer from its
+    directory; without, `evaluate_base` (the base alone: a lower bound on `evaluate`'s time)."""
     from stages.config import ModelParams
     from stages.evaluate import load_for_generation
     from stages.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(workdir)
+    tokenizer = load_tokenizer(adapter or workdir)
     tokenizer.padding_side = "left"  # as stages.evaluate.main does
-    return load_for_generation(ModelParams(name=workdir), adapter=None, dequantize=dequantize), tokenizer
+    return load_for_generation(ModelParams(name=workdir), adapter=adapter, dequantize=dequantize), tokenizer
 
 
 def auto_batch(workdir: str, model, prompts: list[list[int]], new_tokens: int, n_full: int) -> int:

@@ -150,6 +150,86 @@ def build_model_dir(workdir: Path, shape: dict, seed: int) -> dict:
     return {"reused": False, "seconds": round(time.perf_counter() - started, 1), "params": n_params}
 
 
+# The train section's LoRA (params.yaml: lora_r 32, lora_alpha 16, all-linear): the adapter the
+# evaluation variants load, as `evaluate` loads a trained one.
+EVAL_ADAPTER = dict(r=32, alpha=16, targets="all-linear")
+
+
+def adapter_dir(workdir: Path) -> Path:
+    """Inside the model directory: a rebuilt model (atomic_path) takes its stale adapter with it."""
+    return Path(workdir) / f"adapter_r{EVAL_ADAPTER['r']}"
+
+
+def lora_on_meta(workdir: Path):
+    """The model of `workdir` under peft's LoRA (EVAL_ADAPTER, through stages.train.build_lora_config),
+    on the meta device: the adapter's names and shapes, with no weight of the base read or allocated."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.config import TrainParams
+    from stages.train import build_lora_config
+
+    config = AutoConfig.from_pretrained(workdir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    train_p = TrainParams(lora_r=EVAL_ADAPTER["r"], lora_alpha=EVAL_ADAPTER["alpha"],
+                          lora_target_modules=EVAL_ADAPTER["targets"])
+    return get_peft_model(model, build_lora_config(train_p))
+
+
+def saved_adapter_matches(path: Path, expected: dict) -> bool:
+    """Whether `path` holds an adapter of EVAL_ADAPTER's r and alpha with exactly the tensors
+    {saved name: shape} of `expected` (the same model shape and target modules)."""
+    from safetensors import safe_open
+
+    config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not (config_file.is_file() and weights.is_file() and (path / "tokenizer.json").is_file()):
+        return False
+    saved = json.loads(config_file.read_text())
+    if (saved.get("r"), saved.get("lora_alpha")) != (EVAL_ADAPTER["r"], EVAL_ADAPTER["alpha"]):
+        return False
+    with safe_open(str(weights), "pt") as f:
+        return {key: list(f.get_slice(key).get_shape()) for key in f.keys()} == expected
+
+
+def build_adapter_dir(workdir: Path, seed: int) -> dict:
+    """A LoRA adapter for the model in `workdir`, written as the train stage leaves one (peft's
+    save_pretrained: adapter_config.json and a bf16 adapter_model.safetensors, which is what TRL
+    trains on a 4-bit base; the tokenizer beside it), with random weights: A ~ N(0, 1/in_features),
+    about the scale of peft's init, which training keeps; B ~ N(0, 1e-3), not peft's zeros, so that
+    the adapter changes the logits as a trained one does, by a little, and the random base's stay
+    finite. From the config alone, on a meta-device model (2.3 s at the 8B shape on a CPU): the
+    16 GB base is never loaded for it. Reused while its r, alpha and tensors' names and shapes match."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from stages.io import atomic_path
+
+    started = time.perf_counter()
+    path = adapter_dir(workdir)
+    model = lora_on_meta(workdir)
+    prefix = f".{model.active_adapter}."  # peft saves the names without the adapter's
+    lora = {name: param for name, param in model.named_parameters() if "lora_" in name}
+    expected = {name.replace(prefix, "."): list(param.shape) for name, param in lora.items()}
+    info = {**EVAL_ADAPTER, "path": str(path), "tensors": len(lora)}
+    if saved_adapter_matches(path, expected):
+        return {**info, "reused": True, "seconds": 0.0}
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in lora.items():
+        out_features, in_features = param.shape
+        scale = in_features ** -0.5 if ".lora_A." in name else 1e-3
+        value = (torch.randn(out_features, in_features, generator=generator) * scale).to(torch.bfloat16)
+        module_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(value, requires_grad=False))
+    with atomic_path(path) as tmp:
+        # The base's embeddings are not targeted (all-linear) and its vocabulary is unchanged.
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        AutoTokenizer.from_pretrained(workdir).save_pretrained(tmp)
+    return {**info, "reused": False, "seconds": round(time.perf_counter() - started, 1),
+            "params": sum(p.numel() for p in lora.values())}
+
+
 def load_plain_4bit(workdir: str):
     """The recipe's model: NF4, double quantization, bf16 compute, written the usual way."""
     import torch

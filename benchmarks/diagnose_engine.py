@@ -13,7 +13,8 @@ GSM8K-test-length prompts; "_answers" cases end each answer at a GSM8K-like leng
 into fewer rows; the random weights alone never end an answer. A case with `eager` also decodes
 the same questions without CUDA graphs (the same kernels) and counts the questions whose tokens are
 identical. `--before FILE` adds the "before_*" cases, which run FILE (a copy of an earlier
-stages/decode.py) in place of the committed engine.
+stages/decode.py) in place of the committed engine. The model is the base alone, without a LoRA adapter
+(`evaluate_base`'s setup); bench.py's eval variants decode with one, as `evaluate` does after training.
 """
 from __future__ import annotations
 

@@ -141,6 +141,82 @@ def test_figures_are_positive_and_generation_is_full_length(result):
         assert teacher["tokens"] > 0 and teacher["argmax_match"] > 0.9 and teacher["worst_gap_in_std"] < 0.1
 
 
+def test_eval_variants_time_the_fine_tuned_model(result):
+    """Every project variant ran on the base with the r=32 adapter (what `evaluate` runs after training);
+    the plain recipe's baseline on the base alone."""
+    data = result[0]
+    adapter = data["build_adapter"]
+    assert (adapter["r"], adapter["alpha"], adapter["targets"]) == (32, 16, "all-linear") and adapter["tensors"] == 28
+    for name, v in data["eval"].items():
+        if name == "baseline_4bit_b64":
+            assert "adapter" not in v
+        else:
+            assert v["adapter"] == {"r": 32, "alpha": 16, "targets": "all-linear", "path": adapter["path"]}, name
+    assert Path(adapter["path"]).parent == Path(data["workdir"])
+
+
+def test_adapter_loads_as_evaluate_loads_it(tmp_path):
+    """bench_model.build_adapter_dir writes what peft's save_pretrained writes for the train section's
+    LoRA without loading the base: stages.evaluate.load_for_generation loads every tensor as written
+    (none missing, none unexpected, bf16 as TRL trains it), B is not zero, so the logits move, and a
+    second call reuses the directory while one of another rank is rebuilt."""
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+
+    bench_model, bench_eval = load("bench_model"), load("bench_eval")
+    workdir = tmp_path / "model"
+    bench_model.build_model_dir(workdir, bench_model.bench_shape(tiny=True), seed=0)
+    built = bench_model.build_adapter_dir(workdir, seed=0)
+    assert not built["reused"] and Path(built["path"]) == workdir / "adapter_r32"
+    config = json.loads((workdir / "adapter_r32" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (32, 16, "LORA")
+    # all-linear, as peft resolves it: under 20 modules it lists them by their full names
+    assert {t.rsplit(".", 1)[-1] for t in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj"}
+    written = load_file(str(workdir / "adapter_r32" / "adapter_model.safetensors"))
+    assert len(written) == built["tensors"] == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert all(t.dtype == torch.bfloat16 and t.abs().sum() > 0 for t in written.values())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = bench_eval.load_project_model(str(workdir), dequantize=True, adapter=built["path"])
+    assert not [w for w in caught if "adapter keys" in str(w.message)]
+    loaded = {name.replace(".default.", "."): p for name, p in model.named_parameters() if "lora_" in name}
+    assert set(loaded) == set(written)
+    for name, tensor in written.items():
+        assert torch.equal(loaded[name].detach(), tensor), name
+    ids = torch.tensor([[1] + list(range(40, 60))])
+    with torch.inference_mode():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.isfinite(tuned).all() and not torch.equal(tuned, base)
+
+    assert bench_model.build_adapter_dir(workdir, seed=0)["reused"]
+    (workdir / "adapter_r32" / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    assert not bench_model.build_adapter_dir(workdir, seed=0)["reused"]
+
+
+def test_eval_section_alone_runs_with_the_adapter(tmp_path):
+    """`bench.py --tiny --sections eval`: the adapter built for the model directory, the project variants
+    on it, the engine checks over both engines' completions of the fine-tuned model."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--sections", "eval", "--eval-variants",
+                           "static_b256,generate_b256", "--eval-baseline-prompts", "0",
+                           "--workdir", str(tmp_path / "model"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["eval"]) == {"static_b256", "generate_b256"} and "train" not in data
+    assert data["build_adapter"]["reused"] is False
+    for v in data["eval"].values():
+        assert "error" not in v and v["adapter"]["path"] == str(tmp_path / "model" / "adapter_r32")
+    assert data["engine_agreement"]["identical"] == data["engine_agreement"]["prompts"] > 0
+    assert data["engine_checks"]["teacher_forced/static"]["argmax_match"] > 0.9
+
+
 @pytest.mark.parametrize("vocab_size", [512, 128256])
 def test_tokenizer_encodes_questions_back_to_their_ids(vocab_size):
     from stages.config import PromptParams
