@@ -466,6 +466,8 @@ def greedy_decode(model, prompts: list[list[int]], rows: int, new_tokens: int, p
                 try:
                     with torch.cuda.graph(graph):
                         step()
+                except (torch.OutOfMemoryError, torch.AcceleratorError):
+                    raise  # RuntimeErrors too: the stage's own memory message, not "use generate" (more memory)
                 except RuntimeError as exc:
                     from stages.io import UserError
 

@@ -166,6 +166,8 @@ GREEDY_CHANGING = {
     "min_new_tokens": 0, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "sequence_bias": None, "exponential_decay_length_penalty": None, "guidance_scale": 1.0,
     "watermarking_config": None, "num_beams": 1, "penalty_alpha": 0.0, "dola_layers": None,
+    # applied to decoder-only models too (against the prompt), and generate's own stops and time limit
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "stop_strings": None, "max_time": None,
 }
 
 

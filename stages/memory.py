@@ -567,7 +567,9 @@ def cuda_free_bytes() -> int | None:
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0]
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # A launcher that gives each rank one visible GPU (SLURM --gpus-per-task=1): its GPU is device 0.
+    return torch.cuda.mem_get_info(rank if rank < torch.cuda.device_count() else 0)[0]
 
 
 def not_fitting_message(stage: str, needed: int, free: int, advice: list[str], weights: int) -> str:

@@ -356,13 +356,28 @@ def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot
 
 def check_undated(tokenizer, chat_template_kwargs: Mapping[str, Any]) -> None:
     """A chat template that writes today's date (Llama 3.2/3.3's system header, through strftime_now unless
-    given date_string) makes the same params render other prompts on another day: training's prompts
-    would not be evaluation's, and DVC would not see the change."""
-    template = str(getattr(tokenizer, "chat_template", None) or "")
-    if "strftime_now" in template and "date_string" not in chat_template_kwargs:
+    given date_string; Granite's whatever it is given) makes the same params render other prompts on another
+    day: training's prompts would not be evaluation's, and DVC would not see the change. Rendered as on two
+    days (transformers' strftime_now reads the clock through its module's `datetime`), the prompt must not
+    change."""
+    if "strftime_now" not in str(getattr(tokenizer, "chat_template", None) or ""):
+        return
+    from datetime import datetime
+    from unittest import mock
+
+    from transformers.utils import chat_template_utils
+
+    renders = []
+    for day in (datetime(2001, 2, 3), datetime(2011, 12, 13)):
+        clock = type("Clock", (datetime,), {"now": classmethod(lambda cls, tz=None, day=day: day)})
+        with mock.patch.object(chat_template_utils, "datetime", clock):
+            renders.append(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                         add_generation_prompt=True, **chat_template_kwargs))
+    if renders[0] != renders[1]:
         raise UserError("params.yaml: prompt.chat_template_kwargs: the chat template writes today's date into every "
                         "prompt (strftime_now), so training and evaluation on other days would see other prompts; "
-                        "set prompt.chat_template_kwargs: {date_string: '26 Jul 2024'} (any fixed date)")
+                        "set prompt.chat_template_kwargs: {date_string: '26 Jul 2024'} where the template reads it "
+                        "(Llama 3.2/3.3), else use a template without the date")
 
 
 def check(protocol: Protocol, tokenizer, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],
@@ -432,8 +447,15 @@ def end_of_turn(protocol: Protocol, tokenizer) -> str | None:
     messages = [{"role": "user", "content": render_text(protocol, "x")}, {"role": "assistant", "content": answer}]
     full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
                                          **dict(protocol.chat_template_kwargs))
-    after = full.rsplit(answer, 1)[-1].split() if answer in full else []
-    return after[0] if after else None
+    if answer not in full:
+        return None
+    after = full.rsplit(answer, 1)[-1]
+    # Its first special token (`<|end|>` of `<|end|></s>`, glued to what follows it); else its first word.
+    special = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return tokenizer.decode([token], skip_special_tokens=False)
+    return next(iter(after.split()), None)
 
 
 def cut_generation(protocol: Protocol, text: str, stop: Sequence[str]) -> str:

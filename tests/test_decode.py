@@ -387,6 +387,22 @@ def test_a_chat_answer_ends_at_the_templates_end_of_turn(engine):
     assert (record["response"].strip(), record["extracted"], record["extracted_flexible"]) == (answer, "8", "8")
 
 
+def test_an_end_of_turn_glued_to_what_follows_it_is_its_special_token():
+    """Phi-3's kind writes `<|end|>` then EOS with nothing between: the stop is `<|end|>`, not `<|end|></s>`
+    (a stop string the model's text would not hold until it wrote the EOS too)."""
+    from stages import protocols as P
+    from stages.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>"
+                               "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    protocol = P.get_protocol(P.TRAIN_PROMPT, dataclasses.replace(PROMPT, chat=True), EvaluateParams())
+    assert P.end_of_turn(protocol, tokenizer) == "<|end|>"
+    assert "<|end|>" in P.stop_strings(protocol, tokenizer)
+
+
 def test_greedy_changes_are_the_settings_that_change_an_argmax():
     from transformers import GenerationConfig
 
@@ -398,6 +414,8 @@ def test_greedy_changes_are_the_settings_that_change_an_argmax():
     assert greedy_changes(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, bos_token_id=1,
                                            eos_token_id=[2, 3])) == {}
     assert greedy_changes(GenerationConfig(suppress_tokens=[], no_repeat_ngram_size=3)) == {"no_repeat_ngram_size": 3}
+    # transformers applies these to a decoder-only model too, against the prompt
+    assert greedy_changes(GenerationConfig(encoder_repetition_penalty=1.2)) == {"encoder_repetition_penalty": 1.2}
 
 
 def test_a_generation_config_the_static_engine_cannot_apply_is_decoded_with_generate(tiny_model_dir, tmp_path,
@@ -474,6 +492,16 @@ def test_a_step_that_cannot_be_recorded_as_a_cuda_graph_stops_with_one_line(mode
     with pytest.raises(UserError, match=r"^params\.yaml: evaluate\.engine: static cannot record this model's "
                                         r"decoding step as a CUDA graph \(operation not permitted when stream is "
                                         r"capturing\); set evaluate\.engine: generate$"), torch.inference_mode():
+        greedy_decode(model, prompts, 2, 8, tokenizer.pad_token_id, lambda i, ids: False, use_graph=True)
+
+    # Out of memory while recording is the stage's memory error to report, not "use generate" (which needs more).
+    @contextlib.contextmanager
+    def out_of_memory(graph):
+        yield
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "graph", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), torch.inference_mode():
         greedy_decode(model, prompts, 2, 8, tokenizer.pad_token_id, lambda i, ids: False, use_graph=True)
 
 

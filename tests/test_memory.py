@@ -348,12 +348,17 @@ def test_each_rank_measures_its_own_gpu(monkeypatch):
 
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (7 * GIB, 80 * GIB))
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert memory.cuda_free_bytes() == 7 * GIB
     monkeypatch.delenv("LOCAL_RANK")
     memory.cuda_free_bytes()
-    assert asked == [3, 0]
+    # A launcher that shows each rank its one GPU (CUDA_VISIBLE_DEVICES per rank): device 0 is the rank's.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    memory.cuda_free_bytes()
+    assert asked == [3, 0, 0]
 
 
 @pytest.mark.parametrize("config, field", [

@@ -238,6 +238,11 @@ def test_a_chat_template_that_writes_todays_date_needs_a_fixed_one(tokenizer):
     prompt = render_prompt(dated, PromptParams(chat=True, chat_template_kwargs=fixed), "q")
     assert prompt.startswith("Today: 26 Jul 2024\n")
     assert P.plan(P.train_prompt(DEFAULT_TEMPLATE, True, fixed, P.TRAIN_PROMPT_STOP, 64), dated, {}, TEST, []).prompts
+    # A template that writes the date whatever it is given (Granite's kind): date_string does not pin it.
+    always = copy.deepcopy(tokenizer)
+    always.chat_template = "Today's Date: {{ strftime_now('%B %d, %Y') }}.\n" + tokenizer.chat_template
+    with pytest.raises(UserError, match=message):
+        render_prompt(always, PromptParams(chat=True, chat_template_kwargs=fixed), "q")
 
 
 def test_settings_say_what_the_number_depends_on():
