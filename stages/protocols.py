@@ -354,13 +354,20 @@ def plan(protocol: Protocol, tokenizer, config, rows: Sequence[Mapping], fewshot
                 protocol.max_new_tokens, limit, sum(len(ids) > limit for ids in encoded))
 
 
+# (template, its kwargs) that check_undated rendered and found undated: render_chat asks for every training
+# row's prompt and completion, and the two renders as on two days need not be redone for each.
+_UNDATED: set = set()
+
+
 def check_undated(tokenizer, chat_template_kwargs: Mapping[str, Any]) -> None:
     """A chat template that writes today's date (Llama 3.2/3.3's system header, through strftime_now unless
     given date_string; Granite's whatever it is given) makes the same params render other prompts on another
     day: training's prompts would not be evaluation's, and DVC would not see the change. Rendered as on two
     days (transformers' strftime_now reads the clock through its module's `datetime`), the prompt must not
     change."""
-    if "strftime_now" not in str(getattr(tokenizer, "chat_template", None) or ""):
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    key = (template, repr(sorted(chat_template_kwargs.items())))
+    if "strftime_now" not in template or key in _UNDATED:
         return
     from datetime import datetime
     from unittest import mock
@@ -378,6 +385,7 @@ def check_undated(tokenizer, chat_template_kwargs: Mapping[str, Any]) -> None:
                         "prompt (strftime_now), so training and evaluation on other days would see other prompts; "
                         "set prompt.chat_template_kwargs: {date_string: '26 Jul 2024'} where the template reads it "
                         "(Llama 3.2/3.3), else use a template without the date")
+    _UNDATED.add(key)
 
 
 def check(protocol: Protocol, tokenizer, rows: Sequence[Mapping], fewshot_pool: Sequence[Mapping],
