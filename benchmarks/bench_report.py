@@ -177,11 +177,10 @@ def ratios_and_goals(results: dict, tiny: bool) -> tuple[dict, dict]:
     goals[f"eval_full_split_<={GOAL_EVAL_WALL_S:g}s_measured"] = (
         any(v["wall_seconds_full_split"] <= GOAL_EVAL_WALL_S for v in full.values()) if full else None)
     # "Fits a 40 GB card": what the process reserved (the allocator's blocks, not only the live tensors).
-    fits = [v for v in full.values() if v.get("peak_reserved_gib", v.get("peak_allocated_gib")) is not None
-            and v["wall_seconds_full_split"] <= GOAL_EVAL_WALL_S]
+    card_gib = {n: v.get("peak_reserved_gib", v.get("peak_allocated_gib")) for n, v in full.items()}
     goals[f"eval_<={GOAL_EVAL_WALL_S:g}s_within_{GOAL_EVAL_MEMORY_GB:g}GB"] = (
-        any(v.get("peak_reserved_gib", v.get("peak_allocated_gib")) * 2**30 <= GOAL_EVAL_MEMORY_GB * 1e9
-            for v in fits) if full else None)
+        any(card_gib[n] is not None and v["wall_seconds_full_split"] <= GOAL_EVAL_WALL_S
+            and card_gib[n] * 2**30 <= GOAL_EVAL_MEMORY_GB * 1e9 for n, v in full.items()) if full else None)
     unmet = ["a CPU test run"] if tiny else goal_conditions(results)
     if unmet:
         goals = {k: None for k in goals}
